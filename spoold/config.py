@@ -1,0 +1,258 @@
+"""Configuration: dataclasses with defaults, loaded from YAML, every error naming its key."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEFAULT_CONFIG_PATH = Path("/etc/spoold/spoold.yaml")
+
+
+class ConfigError(Exception):
+    """A config file that cannot be used; the message names the file and the key."""
+
+
+@dataclass
+class FakeEngineConfig:
+    delay_per_request_s: float = 0.0
+    fail_marker: str | None = None
+    crash_marker: str | None = None
+    batch_size: int = 64
+
+
+@dataclass
+class EngineConfig:
+    backend: str = "fake"
+    model: str = "fake-model"
+    models: dict[str, str] = field(default_factory=dict)
+    gpu_memory_utilization: float = 0.85
+    max_model_len: int | None = None
+    tensor_parallel_size: int = 1
+    dtype: str = "auto"
+    extra_args: dict[str, Any] = field(default_factory=dict)
+    fake: FakeEngineConfig = field(default_factory=FakeEngineConfig)
+
+
+@dataclass
+class WatchConfig:
+    settle_seconds: float = 5.0
+    rescan_interval_s: float = 30.0
+    polling: bool = False
+
+
+@dataclass
+class LimitsConfig:
+    max_requests_per_job: int = 50_000
+    max_file_bytes: int = 200_000_000
+    max_queue_depth: int = 5
+    max_total_queued_requests: int = 100_000
+    max_line_bytes: int = 16 * 1024 * 1024
+    min_free_disk_mb: int = 0
+
+
+@dataclass
+class ProcessingConfig:
+    chunk_size: int = 5000
+    max_job_attempts: int = 3
+    stop_timeout_s: float = 60.0
+
+
+@dataclass
+class HeartbeatConfig:
+    interval_s: float = 10.0
+    stale_after_s: float = 60.0
+
+
+@dataclass
+class GpuConfig:
+    max_memory_percent: float = 95.0
+    max_temperature_c: float = 85.0
+    resume_temperature_c: float = 80.0
+
+
+@dataclass
+class MetricsConfig:
+    textfile: str | None = None
+
+
+@dataclass
+class LoggingConfig:
+    format: str = "auto"
+    level: str = "info"
+
+
+@dataclass
+class Config:
+    spool_dir: Path = Path("/var/spool/spoold")
+    instance: str = "default"
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    watch: WatchConfig = field(default_factory=WatchConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    processing: ProcessingConfig = field(default_factory=ProcessingConfig)
+    heartbeat: HeartbeatConfig = field(default_factory=HeartbeatConfig)
+    gpu: GpuConfig = field(default_factory=GpuConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    @property
+    def heartbeat_path(self) -> Path:
+        return self.spool_dir / "heartbeats" / f"{self.instance}.json"
+
+
+# Values that must be strictly positive / within a set. Keys are dotted paths.
+_POSITIVE = {
+    "limits.max_requests_per_job",
+    "limits.max_file_bytes",
+    "limits.max_queue_depth",
+    "limits.max_total_queued_requests",
+    "limits.max_line_bytes",
+    "processing.chunk_size",
+    "processing.max_job_attempts",
+    "processing.stop_timeout_s",
+    "heartbeat.interval_s",
+    "heartbeat.stale_after_s",
+    "engine.tensor_parallel_size",
+    "engine.fake.batch_size",
+    "watch.rescan_interval_s",
+}
+_CHOICES = {
+    "engine.backend": ("fake", "vllm"),
+    "logging.format": ("auto", "json", "console"),
+    "logging.level": ("debug", "info", "warning", "error"),
+}
+
+
+def _check_type(value: Any, hint: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (types.UnionType, typing.Union):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _check_type(value, option, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0])
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{key}: expected a non-empty string, got {value!r}")
+        return value
+    if hint is Path:
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{key}: expected a path, got {value!r}")
+        return Path(value)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        _, val_hint = typing.get_args(hint)
+        return {
+            str(k): _check_type(v, val_hint, f"{key}.{k}") if val_hint is not Any else v
+            for k, v in value.items()
+        }
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key)  # type: ignore[arg-type]
+    raise AssertionError(f"unsupported config type {hint} for {key}")
+
+
+def _build(cls: type[Any], raw: Any, prefix: str) -> Any:
+    where = prefix or "the top level"
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping of keys, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in names:
+            dotted = f"{prefix}.{key}" if prefix else str(key)
+            raise ConfigError(
+                f"unknown key {dotted!r} (known keys in {where}: {', '.join(sorted(names))})"
+            )
+    values = {}
+    for name in names:
+        if name not in raw:
+            continue
+        dotted = f"{prefix}.{name}" if prefix else name
+        value = _check_type(raw[name], hints[name], dotted)
+        if dotted in _POSITIVE and value <= 0:
+            raise ConfigError(f"{dotted}: must be greater than 0, got {value!r}")
+        if dotted in _CHOICES and value not in _CHOICES[dotted]:
+            raise ConfigError(f"{dotted}: must be one of {', '.join(_CHOICES[dotted])}")
+        values[name] = value
+    return cls(**values)
+
+
+def _check_relations(cfg: Config) -> None:
+    if not 0 < cfg.engine.gpu_memory_utilization <= 1:
+        raise ConfigError("engine.gpu_memory_utilization: must be in (0, 1]")
+    if cfg.gpu.resume_temperature_c > cfg.gpu.max_temperature_c:
+        raise ConfigError("gpu.resume_temperature_c: must not exceed gpu.max_temperature_c")
+    if cfg.heartbeat.stale_after_s <= cfg.heartbeat.interval_s:
+        raise ConfigError("heartbeat.stale_after_s: must be longer than heartbeat.interval_s")
+    if cfg.engine.fake.delay_per_request_s < 0:
+        raise ConfigError("engine.fake.delay_per_request_s: must not be negative")
+    if cfg.watch.settle_seconds < 0:
+        raise ConfigError("watch.settle_seconds: must not be negative")
+    safe = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+    if not set(cfg.instance) <= safe or cfg.instance.startswith("."):
+        raise ConfigError(
+            f"instance: {cfg.instance!r} may use only letters, digits, '.', '_' and '-'"
+        )
+
+
+def parse_config(raw: Any, source: str = "<config>") -> Config:
+    """Build a Config from parsed YAML; raises ConfigError naming `source` and the key."""
+    try:
+        cfg: Config = _build(Config, raw, "")
+        _check_relations(cfg)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    return cfg
+
+
+def resolve_config_path(arg: str | None) -> Path:
+    """--config, else $SPOOLD_CONFIG, else /etc/spoold/spoold.yaml."""
+    if arg:
+        return Path(arg)
+    env = os.environ.get("SPOOLD_CONFIG")
+    return Path(env) if env else DEFAULT_CONFIG_PATH
+
+
+def load_config(path: Path) -> Config:
+    """Read and check a YAML config file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{path}: config file not found (pass --config PATH or set SPOOLD_CONFIG)"
+        ) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read config file: {e}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    return parse_config(raw, str(path))

@@ -1,0 +1,242 @@
+"""The daemon: recover → (admit → run one job → heartbeat)* → shut down.
+
+Signal handlers only set a flag; the loop checks it between steps.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import structlog
+
+from spoold.config import Config
+from spoold.engines.base import Engine, EngineFatal
+from spoold.heartbeat import Heartbeat
+from spoold.job import TERMINAL, JobState
+from spoold.spool import Entry, Kind, QueueLoad, SettleTracker, Spool, count_requests
+
+log = structlog.get_logger("spoold.daemon")
+
+EngineFactory = Callable[[], Engine]
+
+
+@dataclass
+class AdmitReport:
+    """What one pass over incoming/ saw."""
+
+    claimed: list[str] = field(default_factory=list)
+    waiting: list[str] = field(default_factory=list)  # settled, held back by queue limits
+    settling: list[Entry] = field(default_factory=list)
+
+
+class Daemon:
+    def __init__(
+        self,
+        cfg: Config,
+        engine_factory: EngineFactory,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.cfg = cfg
+        self.spool = Spool(cfg.spool_dir, cfg.instance)
+        self.engine_factory = engine_factory
+        self.engine: Engine | None = None
+        self.clock = clock
+        self.settle = SettleTracker(cfg.watch.settle_seconds)
+        self.stop_requested = threading.Event()
+        self._counts: dict[str, tuple[tuple[int, int], int, int]] = {}
+        self._unmovable: set[str] = set()
+        limits = {k: getattr(cfg.limits, k) for k in vars(cfg.limits)}
+        limits["chunk_size"] = cfg.processing.chunk_size
+        self.heartbeat = Heartbeat(cfg.heartbeat_path, cfg.heartbeat.interval_s, limits)
+
+    # -- life cycle ---------------------------------------------------------------
+
+    def install_signal_handlers(self) -> None:
+        def on_signal(signum: int, _frame: FrameType | None) -> None:
+            self.stop_requested.set()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+
+    def run(self, drain: bool = False) -> int:
+        """The main loop. Returns the process exit code."""
+        self.spool.recover(self.cfg.heartbeat.stale_after_s)
+        self.heartbeat.start()
+        log.info("spoold started", spool=str(self.spool.root), instance=self.cfg.instance)
+        try:
+            while not self.stop_requested.is_set():
+                report = self.admit()
+                if self.run_next_job():
+                    continue
+                if drain and not self._drain_should_wait(report):
+                    break
+                self.heartbeat.set(status="idle", current_job=None)
+                self.stop_requested.wait(self._idle_wait(report))
+        except EngineFatal as e:
+            log.error(
+                "the engine died; exiting so that the service manager restarts us", error=str(e)
+            )
+            self.shutdown()
+            return 1
+        self.shutdown()
+        return 0
+
+    def shutdown(self) -> None:
+        self.heartbeat.stop("stopping")
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
+        log.info("spoold stopped")
+
+    def _idle_wait(self, report: AdmitReport) -> float:
+        now = self.clock()
+        waits = [self.settle.wait_left(e, now) for e in report.settling]
+        return max(0.05, min([*waits, 1.0]))
+
+    def _drain_should_wait(self, report: AdmitReport) -> bool:
+        """--drain waits for files about to settle, not for uploads still growing."""
+        return any(e.name not in self.settle.changed for e in report.settling) or bool(
+            report.waiting
+        )
+
+    # -- admission ------------------------------------------------------------------
+
+    def admit(self) -> AdmitReport:
+        """One pass over incoming/: reject what will never run, claim what fits, in order."""
+        report = AdmitReport()
+        entries = self.spool.scan_incoming()
+        names = {e.name for e in entries}
+        self.settle.prune(names)
+        self._counts = {k: v for k, v in self._counts.items() if k in names}
+        load: QueueLoad | None = None
+        now = self.clock()
+        for entry in entries:
+            if entry.kind is Kind.UPLOADING or entry.name in self._unmovable:
+                continue
+            if not self.settle.settled(entry, now):
+                report.settling.append(entry)
+                continue
+            if entry.kind is Kind.NOT_A_JOB:
+                self._reject(entry, entry.reason or "not a job")
+                continue
+            sized = self._count(entry)
+            if sized is None:
+                continue
+            total, nbytes = sized
+            limits = self.cfg.limits
+            if total < 0:
+                self._reject(
+                    entry,
+                    f"{entry.name} is {nbytes} bytes, over limits.max_file_bytes "
+                    f"({limits.max_file_bytes}): split it into smaller files",
+                )
+                continue
+            if total > limits.max_requests_per_job:
+                self._reject(
+                    entry,
+                    f"{entry.name} has {total} requests, over limits.max_requests_per_job "
+                    f"({limits.max_requests_per_job}): split it into smaller files",
+                    total,
+                )
+                continue
+            if load is None:
+                load = self.spool.queue_load()
+            if load.jobs >= limits.max_queue_depth or (
+                load.jobs > 0 and load.requests + total > limits.max_total_queued_requests
+            ):
+                # Arrival order is kept: nothing behind a waiting file jumps the queue.
+                report.waiting.extend(
+                    e.name for e in entries[entries.index(entry) :] if e.kind is Kind.JOB
+                )
+                break
+            job_id = self.spool.claim(entry, total, nbytes)
+            if job_id is not None:
+                log.info("job claimed", job_id=job_id, source=entry.name, requests=total)
+                report.claimed.append(job_id)
+                load.jobs += 1
+                load.requests += total
+        return report
+
+    def _count(self, entry: Entry) -> tuple[int, int] | None:
+        cached = self._counts.get(entry.name)
+        if cached is not None and cached[0] == entry.fingerprint:
+            return cached[1], cached[2]
+        try:
+            total, nbytes = count_requests(entry.path, self.cfg.limits.max_file_bytes)
+        except FileNotFoundError:
+            return None  # taken by another daemon meanwhile
+        except OSError as e:
+            self._reject(entry, f"the daemon cannot read {entry.name}: {e}")
+            return None
+        self._counts[entry.name] = (entry.fingerprint, total, nbytes)
+        return total, nbytes
+
+    def _reject(self, entry: Entry, reason: str, total: int | None = None) -> None:
+        try:
+            job_id = self.spool.reject(entry, reason, total)
+        except OSError as e:
+            if entry.name not in self._unmovable:
+                self._unmovable.add(entry.name)
+                log.error(
+                    "cannot move entry out of incoming/",
+                    entry=entry.name,
+                    reason=reason,
+                    error=str(e),
+                )
+                self.heartbeat.set(problems=sorted(self._unmovable))
+            return
+        if job_id is not None:
+            log.warning("rejected", job_id=job_id, source=entry.name, reason=reason)
+
+    # -- running --------------------------------------------------------------------
+
+    def run_next_job(self) -> bool:
+        """Run the oldest job we can own. False when there is none."""
+        for job_dir, state in self.spool.active_jobs():
+            if state.status in TERMINAL:
+                continue
+            if not self.spool.acquire(job_dir, self.cfg.heartbeat.stale_after_s):
+                continue
+            self._run_job(job_dir, state)
+            return True
+        return False
+
+    def _run_job(self, job_dir: Path, state: JobState) -> None:
+        from spoold.runner import Runner
+
+        if self.engine is None:
+            self.heartbeat.set(status="loading_model")
+            self.engine = self.engine_factory()
+        self.heartbeat.set(status="processing")
+        self.heartbeat.progress(self._job_progress(state, 0.0))
+        runner = Runner(
+            self.spool,
+            self.cfg,
+            self.engine,
+            should_stop=self.stop_requested.is_set,
+            on_progress=lambda s, rate: self.heartbeat.progress(self._job_progress(s, rate)),
+        )
+        try:
+            runner.run(job_dir)
+        except EngineFatal:
+            raise
+        except Exception:
+            # Never die for one job: its attempt counter ends a job that keeps failing.
+            log.exception("job run failed", job_id=state.id)
+
+    @staticmethod
+    def _job_progress(state: JobState, rate: float) -> dict[str, Any]:
+        c = state.request_counts
+        return {
+            "id": state.id,
+            "completed": c.completed + c.failed,
+            "total": c.total,
+            "tokens_per_s": round(rate, 1),
+        }

@@ -1,0 +1,102 @@
+"""A deterministic stand-in engine for tests, demos and benchmarks (no GPU, no model)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections.abc import Iterator
+
+from spoold.config import FakeEngineConfig
+from spoold.engines.base import Choice, Completion, Engine, Outcome
+from spoold.validate import Request
+
+_WORDS = (
+    "alpha",
+    "bravo",
+    "charlie",
+    "delta",
+    "echo",
+    "foxtrot",
+    "golf",
+    "hotel",
+    "india",
+    "juliet",
+    "kilo",
+    "lima",
+    "mike",
+    "november",
+    "oscar",
+    "papa",
+    "quebec",
+    "romeo",
+    "sierra",
+    "tango",
+    "uniform",
+    "victor",
+    "whiskey",
+    "xray",
+    "yankee",
+    "zulu",
+)
+
+
+class FakeEngineError(RuntimeError):
+    """Raised for a whole batch, the way vLLM fails a batch for one bad prompt."""
+
+
+def fake_answer(request: Request, index: int = 0) -> tuple[str, str, int]:
+    """(text, finish_reason, completion_tokens) that depend only on the request."""
+    digest = hashlib.blake2b(
+        f"{request.url}\0{request.text()}\0{index}".encode(), digest_size=8
+    ).digest()
+    natural = 3 + digest[0] % 30
+    limit = request.body.get("max_completion_tokens") or request.body.get("max_tokens")
+    count = min(natural, limit) if limit else natural
+    words = [_WORDS[b % len(_WORDS)] for b in (digest * 5)[:count]]
+    finish = "length" if limit is not None and natural > limit else "stop"
+    return " ".join(words), finish, count
+
+
+class FakeEngine(Engine):
+    def __init__(self, model: str, cfg: FakeEngineConfig) -> None:
+        self.model = model
+        self.cfg = cfg
+
+    def _answer(self, request: Request) -> Completion:
+        n = request.body.get("n") or 1
+        choices = []
+        completion_tokens = 0
+        for i in range(n):
+            text, finish, count = fake_answer(request, i)
+            choices.append(Choice(text=text, finish_reason=finish))
+            completion_tokens += count
+        return Completion(
+            request=request,
+            model=self.model,
+            choices=choices,
+            prompt_tokens=len(request.text().split()) + 1,
+            completion_tokens=completion_tokens,
+        )
+
+    def run(self, requests: Iterator[Request]) -> Iterator[Outcome]:
+        batch: list[Request] = []
+        for request in requests:
+            batch.append(request)
+            if len(batch) >= self.cfg.batch_size:
+                yield from self._run_batch(batch)
+                batch = []
+        if batch:
+            yield from self._run_batch(batch)
+
+    def _run_batch(self, batch: list[Request]) -> Iterator[Outcome]:
+        texts = [r.text() for r in batch]
+        crash, fail = self.cfg.crash_marker, self.cfg.fail_marker
+        if crash and any(crash in t for t in texts):
+            os._exit(70)  # what a CUDA fault does to the process: no cleanup, no flush
+        if fail and any(fail in t for t in texts):
+            raise FakeEngineError(f"fake engine failed a batch of {len(batch)} (fail_marker)")
+        if self.cfg.delay_per_request_s:
+            time.sleep(self.cfg.delay_per_request_s * len(batch))
+        for request in batch:
+            yield self._answer(request)

@@ -1,0 +1,165 @@
+"""Durability primitives. The only module that renames, fsyncs or truncates.
+
+Every step that must survive a crash is visible here, in order (see docs/design.md).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from pathlib import Path
+from typing import Any
+
+TMP_SUFFIX = ".tmp"
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a directory's entries (creations, renames) durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Replace `path` with `data`: temp file + fsync + rename + fsync of the directory."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}{TMP_SUFFIX}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        os.rename(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def read_json(path: Path) -> Any:
+    with open(path, "rb") as f:
+        return json.load(f)
+
+
+def move(src: Path, dst: Path) -> None:
+    """Rename a file or a whole directory, then make both directories durable.
+
+    Raises FileNotFoundError when `src` is gone (another daemon moved it first) and
+    FileExistsError rather than replacing an existing `dst`.
+    """
+    if dst.exists() or dst.is_symlink():
+        raise FileExistsError(dst)
+    os.rename(src, dst)
+    fsync_dir(dst.parent)
+    if src.parent != dst.parent:
+        fsync_dir(src.parent)
+
+
+def make_dir(path: Path) -> None:
+    """Create a directory (and parents) durably; fine if it already exists."""
+    if path.is_dir():
+        return
+    path.mkdir(parents=True, exist_ok=True)
+    fsync_dir(path.parent)
+
+
+def create_exclusive(path: Path, data: bytes) -> bool:
+    """Create `path` with `data` only if it does not exist. True if we created it."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        return False
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    fsync_dir(path.parent)
+    return True
+
+
+def remove_tree(path: Path) -> None:
+    """Remove a staging directory we own (a half-done claim). Never follows symlinks."""
+    if path.is_symlink() or not path.is_dir():
+        path.unlink(missing_ok=True)
+        return
+    for child in path.iterdir():
+        remove_tree(child)
+    path.rmdir()
+    fsync_dir(path.parent)
+
+
+def remove_stray_temps(directory: Path) -> list[Path]:
+    """Delete temp files left by an interrupted atomic_write in `directory`."""
+    removed = []
+    for entry in directory.iterdir():
+        if entry.name.startswith(".") and entry.name.endswith(TMP_SUFFIX) and entry.is_file():
+            entry.unlink()
+            removed.append(entry)
+    if removed:
+        fsync_dir(directory)
+    return removed
+
+
+class AppendLog:
+    """An append-only result file: appends are buffered in memory until `sync()`.
+
+    Nothing reaches the file before `sync()`, so a run that must abandon its work
+    (it lost the job to another daemon) can `close()` without writing a byte.
+    """
+
+    def __init__(self, path: Path, keep_bytes: int) -> None:
+        """Open `path`, cutting anything after `keep_bytes` (an uncommitted tail)."""
+        self.path = path
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+        size = os.fstat(self._fd).st_size
+        if size < keep_bytes:
+            os.close(self._fd)
+            raise RuntimeError(
+                f"{path} has {size} bytes but its checkpoint says {keep_bytes}: "
+                "the file was truncated behind spoold's back"
+            )
+        if size > keep_bytes:
+            os.ftruncate(self._fd, keep_bytes)
+            os.fsync(self._fd)
+        os.lseek(self._fd, keep_bytes, os.SEEK_SET)
+        self._buffer = bytearray()
+        self.size = keep_bytes  # bytes in the file once the buffer is synced
+
+    def append(self, line: bytes) -> None:
+        self._buffer += line
+        self.size += len(line)
+
+    def _write_out(self) -> None:
+        view = memoryview(self._buffer)
+        while view:
+            view = view[os.write(self._fd, view) :]
+        view.release()
+        self._buffer.clear()
+
+    def sync(self) -> None:
+        """Write out the buffer and fsync: everything appended so far is durable."""
+        self._write_out()
+        os.fsync(self._fd)
+
+    def close(self) -> None:
+        """Close, dropping anything not synced (it was never committed)."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> AppendLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

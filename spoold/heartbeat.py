@@ -1,0 +1,116 @@
+"""heartbeats/<instance>.json: written by the daemon, read by peers and spool-status.
+
+Imports nothing heavy: spool-status uses the readers here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from spoold import __version__, fsio
+from spoold.job import utcnow
+
+STATUSES = ("starting", "idle", "loading_model", "processing", "throttled", "stopping")
+
+
+def parse_time(value: Any) -> float | None:
+    """Seconds since the epoch for an ISO 8601 UTC string, or None."""
+    if not isinstance(value, str):
+        return None
+    try:
+        dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    return dt.timestamp()
+
+
+def read_heartbeat(path: Path) -> dict[str, Any] | None:
+    try:
+        data = fsio.read_json(path)
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def heartbeat_age(path: Path, now: float | None = None) -> float | None:
+    """Seconds since the heartbeat at `path` was written; None if there is none."""
+    beat = read_heartbeat(path)
+    if beat is None:
+        return None
+    updated = parse_time(beat.get("updated_at"))
+    if updated is None:
+        return None
+    return max(0.0, (now if now is not None else time.time()) - updated)
+
+
+class Heartbeat:
+    """Rewrites the heartbeat file every `interval_s` from its own thread.
+
+    The daemon's loop only updates fields (`set`); the thread keeps the file fresh
+    while a long chunk runs. `last_progress_at` says when work last moved.
+    """
+
+    def __init__(self, path: Path, interval_s: float, limits: dict[str, Any]) -> None:
+        self.path = path
+        self.interval_s = interval_s
+        now = utcnow()
+        self._fields: dict[str, Any] = {
+            "pid": os.getpid(),
+            "hostname": socket.gethostname(),
+            "instance": path.stem,
+            "version": __version__,
+            "status": "starting",
+            "reason": None,
+            "started_at": now,
+            "updated_at": now,
+            "last_progress_at": now,
+            "current_job": None,
+            "gpu": None,
+            "limits": limits,
+        }
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.extra: Callable[[], dict[str, Any]] | None = None
+
+    def set(self, **fields: Any) -> None:
+        with self._lock:
+            self._fields.update(fields)
+
+    def progress(self, current_job: dict[str, Any] | None) -> None:
+        self.set(current_job=current_job, last_progress_at=utcnow())
+
+    def write(self) -> None:
+        with self._lock:
+            self._fields["updated_at"] = utcnow()
+            snapshot = dict(self._fields)
+        fsio.atomic_write_json(self.path, snapshot)
+
+    def start(self) -> None:
+        self.write()
+        self._thread = threading.Thread(target=self._loop, name="heartbeat", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            # A full disk must not kill the daemon; the next beat retries.
+            with contextlib.suppress(OSError):
+                self.write()
+
+    def stop(self, final_status: str = "stopping") -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.set(status=final_status, current_job=None)
+        self.write()

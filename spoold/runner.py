@@ -1,0 +1,319 @@
+"""One job: validate → stream input → engine → formatted lines → commit → finish.
+
+The commit protocol (design §5): sync output.jsonl and errors.jsonl, then replace
+state.json with the checkpoint. Anything after the checkpoint is redone on resume.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+import structlog
+
+from spoold import formats
+from spoold.config import Config
+from spoold.engines.base import Completion, Engine, EngineFatal, Failure, Outcome
+from spoold.fsio import AppendLog
+from spoold.job import (
+    CANCELLED,
+    COMPLETED,
+    ERRORS,
+    FAILED,
+    INPUT,
+    OUTPUT,
+    QUEUED,
+    RUNNING,
+    Checkpoint,
+    JobState,
+    load_state,
+    save_state,
+    utcnow,
+)
+from spoold.spool import Spool
+from spoold.validate import LineError, Request, duplicate_error, parse_line
+
+log = structlog.get_logger("spoold.runner")
+
+ProgressFn = Callable[[JobState, float], None]
+
+
+def iter_lines(
+    f: BinaryIO, offset: int, first_line: int, max_line_bytes: int
+) -> Iterator[tuple[int, int, bytes | None]]:
+    """(line number, end offset, raw bytes or None when longer than the cap), streamed."""
+    f.seek(offset)
+    line_no = first_line
+    while True:
+        raw = f.readline(max_line_bytes + 1)
+        if not raw:
+            return
+        offset += len(raw)
+        if len(raw) > max_line_bytes and not raw.endswith(b"\n"):
+            while (rest := f.readline(1 << 20)) and not rest.endswith(b"\n"):
+                offset += len(rest)
+            offset += len(rest)
+            yield line_no, offset, None
+        else:
+            yield line_no, offset, raw
+        line_no += 1
+
+
+class JobFailed(Exception):
+    """The whole job cannot run (not UTF-8, no valid line); the message says why."""
+
+
+@dataclass
+class _Run:
+    """Mutable bookkeeping of one run of a job: what was handed out, what came back."""
+
+    next_line: int
+    next_offset: int
+    pending: dict[int, tuple[int, Request]] = field(default_factory=dict)
+    done: set[int] = field(default_factory=set)
+    since_commit: int = 0
+    halt: str | None = None  # why feeding stopped: "stop", "cancel", "lost"
+    tokens: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+
+class Runner:
+    def __init__(
+        self,
+        spool: Spool,
+        cfg: Config,
+        engine: Engine,
+        should_stop: Callable[[], bool] = lambda: False,
+        on_progress: ProgressFn | None = None,
+    ) -> None:
+        self.spool = spool
+        self.cfg = cfg
+        self.engine = engine
+        self.should_stop = should_stop
+        self.on_progress = on_progress
+
+    # -- the job -------------------------------------------------------------------
+
+    def run(self, job_dir: Path) -> str:
+        """Run (or resume) one job we own. Returns its status when this run ended."""
+        state = load_state(job_dir)
+        jlog = log.bind(job_id=state.id)
+        limit = self.cfg.processing.max_job_attempts
+        if state.attempts >= limit:
+            state.error = (
+                f"the job crashed the daemon {state.attempts} times without progress "
+                f"(processing.max_job_attempts = {limit}); its partial results are kept"
+            )
+            return self._finish(job_dir, state, FAILED, jlog)
+        state.attempts += 1
+        state.transition(RUNNING)
+        state.started_at = state.started_at or utcnow()
+        state.instance = self.spool.instance
+        state.model = state.model or self.engine.model
+        save_state(job_dir, state)
+        jlog.info("job started", attempt=state.attempts, resume=state.checkpoint.validated)
+        try:
+            if not state.checkpoint.validated:
+                self._validate(job_dir, state)
+        except JobFailed as e:
+            state.error = str(e)
+            return self._finish(job_dir, state, FAILED, jlog)
+        if self.spool.cancel_requested(job_dir):
+            return self._finish(job_dir, state, CANCELLED, jlog)
+        run = self._execute(job_dir, state)
+        if run.halt == "lost":
+            jlog.warning("another daemon took this job over; stopped without committing")
+            return RUNNING
+        if run.halt == "cancel":
+            return self._finish(job_dir, state, CANCELLED, jlog)
+        if run.halt == "stop":
+            state.transition(QUEUED)
+            state.attempts = 0  # a clean stop is not a crash
+            save_state(job_dir, state)
+            jlog.info("job paused for shutdown", completed=state.request_counts.completed)
+            return QUEUED
+        return self._finish(job_dir, state, COMPLETED, jlog)
+
+    def _finish(
+        self, job_dir: Path, state: JobState, status: str, jlog: structlog.BoundLogger
+    ) -> str:
+        state.transition(status)
+        if status == COMPLETED:
+            c = state.request_counts
+            c.total = c.completed + c.failed
+        self.spool.finish(job_dir, state)
+        jlog.info(
+            "job finished",
+            status=status,
+            completed=state.request_counts.completed,
+            failed=state.request_counts.failed,
+            error=state.error,
+        )
+        return status
+
+    # -- validation (design §4) ------------------------------------------------------
+
+    def _validate(self, job_dir: Path, state: JobState) -> None:
+        seen: dict[str, int] = {}
+        duplicates: list[int] = []
+        total = invalid = 0
+        cap = self.cfg.limits.max_line_bytes
+        with AppendLog(job_dir / ERRORS, 0) as errors, open(job_dir / INPUT, "rb") as f:
+            for line_no, _, raw in iter_lines(f, 0, 1, cap):
+                if raw is None:
+                    total += 1
+                    invalid += 1
+                    msg = f"line {line_no}: longer than {cap} bytes (limits.max_line_bytes)"
+                    errors.append(formats.error_line(state.id, line_no, None, "line_too_long", msg))
+                    continue
+                try:
+                    parsed = parse_line(raw, line_no)
+                except UnicodeDecodeError as e:
+                    raise JobFailed(
+                        f"{state.source_name}: not UTF-8 text (line {line_no}, byte {e.start}); "
+                        "save the file as UTF-8 and submit it again"
+                    ) from None
+                if parsed is None:
+                    continue
+                total += 1
+                if isinstance(parsed, Request) and parsed.custom_id in seen:
+                    duplicates.append(line_no)
+                    parsed = duplicate_error(line_no, parsed.custom_id, seen[parsed.custom_id])
+                elif parsed.custom_id is not None:
+                    seen.setdefault(parsed.custom_id, line_no)
+                if isinstance(parsed, LineError):
+                    invalid += 1
+                    errors.append(
+                        formats.error_line(
+                            state.id, line_no, parsed.custom_id, parsed.code, parsed.message
+                        )
+                    )
+            errors.sync()
+            state.request_counts.total = total
+            state.request_counts.failed = invalid
+            state.request_counts.completed = 0
+            if total == invalid:
+                why = "it has no request lines" if total == 0 else f"all {total} lines are invalid"
+                raise JobFailed(f"{state.source_name}: no valid request ({why}); see errors.jsonl")
+            state.duplicate_lines = duplicates
+            state.checkpoint = Checkpoint(validated=True, errors_bytes=errors.size)
+        save_state(job_dir, state)
+
+    # -- running (design §5) ---------------------------------------------------------
+
+    def _execute(self, job_dir: Path, state: JobState) -> _Run:
+        ck = state.checkpoint
+        run = _Run(next_line=ck.next_line, next_offset=ck.input_offset, done=set(ck.done_lines))
+        skip = set(state.duplicate_lines) | run.done
+        with (
+            AppendLog(job_dir / OUTPUT, ck.output_bytes) as out,
+            AppendLog(job_dir / ERRORS, ck.errors_bytes) as err,
+            open(job_dir / INPUT, "rb") as f,
+        ):
+
+            def feed() -> Iterator[Request]:
+                cap = self.cfg.limits.max_line_bytes
+                for line_no, end, raw in iter_lines(f, run.next_offset, run.next_line, cap):
+                    if run.halt is None and self.should_stop():
+                        run.halt = "stop"
+                    if run.halt is not None:
+                        return
+                    start = run.next_offset
+                    run.next_line, run.next_offset = line_no + 1, end
+                    if line_no in skip or raw is None:
+                        continue
+                    parsed = parse_line(raw, line_no)
+                    if isinstance(parsed, Request):
+                        run.pending[line_no] = (start, parsed)
+                        yield parsed
+
+            def record(outcome: Outcome) -> None:
+                line = outcome.request.line
+                del run.pending[line]
+                run.done.add(line)
+                if isinstance(outcome, Completion):
+                    out.append(formats.output_line(state.id, outcome, int(time.time())))
+                    state.request_counts.completed += 1
+                    run.tokens += outcome.completion_tokens
+                else:
+                    err.append(
+                        formats.error_line(
+                            state.id,
+                            line,
+                            outcome.request.custom_id,
+                            outcome.code,
+                            outcome.message,
+                            outcome.status,
+                        )
+                    )
+                    state.request_counts.failed += 1
+                run.since_commit += 1
+                if run.since_commit >= self.cfg.processing.chunk_size:
+                    self._commit(job_dir, state, run, out, err)
+
+            def isolate(requests: list[Request], error: Exception) -> None:
+                """Find the request(s) that make the engine fail, by bisection."""
+                if len(requests) == 1:
+                    log.warning("request fails the engine", job_id=state.id, error=str(error))
+                    msg = f"line {requests[0].line}: the engine failed on this request: {error}"
+                    record(Failure(requests[0], "engine_error", msg, status=500))
+                    return
+                mid = len(requests) // 2
+                for half in (requests[:mid], requests[mid:]):
+                    try:
+                        for outcome in self.engine.run(iter(half)):
+                            record(outcome)
+                    except EngineFatal:
+                        raise
+                    except Exception as e:
+                        isolate([r for r in half if r.line in run.pending], e)
+
+            source = feed()
+            while True:
+                try:
+                    for outcome in self.engine.run(source):
+                        record(outcome)
+                    break
+                except EngineFatal:
+                    raise
+                except Exception as e:
+                    log.warning("engine failed for a batch; isolating", error=str(e))
+                    isolate([req for _, req in run.pending.values()], e)
+            if run.halt != "lost":
+                self._commit(job_dir, state, run, out, err)
+        return run
+
+    def _commit(
+        self, job_dir: Path, state: JobState, run: _Run, out: AppendLog, err: AppendLog
+    ) -> None:
+        """Sync both result files, then checkpoint in state.json (the commit)."""
+        if not self.spool.still_owner(job_dir):
+            run.halt = "lost"
+            return
+        out.sync()
+        err.sync()
+        if run.pending:
+            low = next(iter(run.pending))
+            low_offset = run.pending[low][0]
+        else:
+            low, low_offset = run.next_line, run.next_offset
+        run.done = {line for line in run.done if line >= low}
+        state.checkpoint = Checkpoint(
+            validated=True,
+            next_line=low,
+            input_offset=low_offset,
+            done_lines=sorted(run.done),
+            output_bytes=out.size,
+            errors_bytes=err.size,
+        )
+        state.attempts = 0
+        save_state(job_dir, state)
+        run.since_commit = 0
+        if run.halt is None and self.spool.cancel_requested(job_dir):
+            run.halt = "cancel"
+        if self.on_progress is not None:
+            elapsed = max(time.monotonic() - run.started, 1e-9)
+            self.on_progress(state, run.tokens / elapsed)

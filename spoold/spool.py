@@ -1,0 +1,339 @@
+"""The spool's layout and rules: scan incoming/, settle, classify, admit, claim, recover.
+
+Every step follows docs/design.md; the durability primitives live in fsio.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+import stat
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+
+import structlog
+
+from spoold import fsio
+from spoold.heartbeat import heartbeat_age
+from spoold.job import (
+    CANCEL,
+    COMPLETED,
+    FAILED,
+    INPUT,
+    OWNER,
+    TERMINAL,
+    JobState,
+    load_state,
+    new_job_id,
+    save_state,
+)
+
+log = structlog.get_logger("spoold.spool")
+
+IN_PROGRESS_SUFFIXES = (".tmp", ".part", ".partial", ".filepart")
+CLAIM_PREFIX = ".claim-"
+REJECT_PREFIX = ".reject-"
+
+
+class Kind(Enum):
+    JOB = "job"  # a .jsonl regular file: admit once settled
+    UPLOADING = "uploading"  # dot name or in-progress suffix: leave alone
+    NOT_A_JOB = "not_a_job"  # anything else: route to failed/
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One directory entry of incoming/, looked at with lstat (never followed or opened)."""
+
+    path: Path
+    kind: Kind
+    size: int
+    mtime_ns: int
+    reason: str | None = None
+    regular: bool = True
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def fingerprint(self) -> tuple[int, int]:
+        return (self.size, self.mtime_ns)
+
+
+def classify(path: Path) -> Entry | None:
+    """What an entry of incoming/ is. None if it vanished meanwhile."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    name = path.name
+    if name.startswith(".") or name.endswith(IN_PROGRESS_SUFFIXES):
+        return Entry(path, Kind.UPLOADING, st.st_size, st.st_mtime_ns)
+    mode = st.st_mode
+    regular = stat.S_ISREG(mode)
+    reason = None
+    if stat.S_ISLNK(mode):
+        reason = "a symbolic link; spoold never follows links: copy the file itself into incoming/"
+    elif stat.S_ISDIR(mode):
+        reason = "a directory, not a file: drop .jsonl files directly into incoming/"
+    elif not regular:
+        reason = "not a regular file (a FIFO, socket or device); it was never opened"
+    elif not name.endswith(".jsonl"):
+        reason = "not a .jsonl file: only files named *.jsonl are jobs"
+    elif not os.access(path, os.R_OK):
+        reason = "the daemon cannot read this file: check its permissions"
+    kind = Kind.NOT_A_JOB if reason else Kind.JOB
+    return Entry(path, kind, st.st_size, st.st_mtime_ns, reason, regular)
+
+
+class SettleTracker:
+    """A file is settled once its size and mtime have not changed for `settle_s`.
+
+    Time is the daemon's own monotonic clock, not the file's mtime, so clock skew on
+    a network filesystem and preserved mtimes (SMB copies) cannot make it early.
+    """
+
+    def __init__(self, settle_s: float) -> None:
+        self.settle_s = settle_s
+        self._seen: dict[str, tuple[tuple[int, int], float]] = {}
+        self.changed: set[str] = set()  # names seen changing: uploads in progress
+
+    def settled(self, entry: Entry, now: float) -> bool:
+        seen = self._seen.get(entry.name)
+        if seen is not None and seen[0] != entry.fingerprint:
+            self.changed.add(entry.name)
+        if seen is None or seen[0] != entry.fingerprint:
+            self._seen[entry.name] = (entry.fingerprint, now)
+            return self.settle_s <= 0
+        return now - seen[1] >= self.settle_s
+
+    def wait_left(self, entry: Entry, now: float) -> float:
+        seen = self._seen.get(entry.name)
+        return self.settle_s if seen is None else max(0.0, self.settle_s - (now - seen[1]))
+
+    def prune(self, names: set[str]) -> None:
+        for name in list(self._seen):
+            if name not in names:
+                del self._seen[name]
+        self.changed &= names
+
+
+def count_requests(path: Path, max_file_bytes: int) -> tuple[int, int]:
+    """(non-blank lines, bytes) of a file, streamed; opened without following links."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(f"{path} is not a regular file")
+        if st.st_size > max_file_bytes:
+            return -1, st.st_size
+        count = 0
+        has_content = False
+        while block := f.read(1 << 20):
+            pieces = block.split(b"\n")
+            for piece in pieces[:-1]:
+                if has_content or piece.strip():
+                    count += 1
+                has_content = False
+            has_content = has_content or bool(pieces[-1].strip())
+        return count + has_content, st.st_size
+
+
+@dataclass
+class QueueLoad:
+    jobs: int = 0
+    requests: int = 0
+
+
+class Spool:
+    def __init__(self, root: Path, instance: str = "default") -> None:
+        self.root = root
+        self.instance = instance
+        self.incoming = root / "incoming"
+        self.processing = root / "processing"
+        self.done = root / "done"
+        self.failed = root / "failed"
+        self.heartbeats = root / "heartbeats"
+
+    def ensure_layout(self) -> None:
+        for d in (self.incoming, self.processing, self.done, self.failed, self.heartbeats):
+            fsio.make_dir(d)
+
+    # -- incoming -----------------------------------------------------------------
+
+    def scan_incoming(self) -> list[Entry]:
+        """Entries of incoming/, oldest first (mtime, then name)."""
+        entries = []
+        with os.scandir(self.incoming) as it:
+            for d in it:
+                e = classify(Path(d.path))
+                if e is not None:
+                    entries.append(e)
+        entries.sort(key=lambda e: (e.mtime_ns, e.name))
+        return entries
+
+    def claim(self, entry: Entry, total: int, file_bytes: int) -> str | None:
+        """Move an admitted file into processing/<job_id>/ (design §1). None if we lost."""
+        job_id = new_job_id(entry.name)
+        staging = self.processing / f"{CLAIM_PREFIX}{self.instance}+{job_id}"
+        fsio.make_dir(staging)  # step 1
+        state = JobState(id=job_id, source_name=entry.name, file_bytes=file_bytes)
+        state.request_counts.total = total
+        save_state(staging, state)  # step 2
+        try:
+            fsio.move(entry.path, staging / INPUT)  # step 3: the rename is the lock
+        except FileNotFoundError:
+            fsio.remove_tree(staging)
+            return None
+        fsio.move(staging, self.processing / job_id)  # step 4
+        return job_id
+
+    def reject(self, entry: Entry, reason: str, total: int | None = None) -> str | None:
+        """Move an entry that will never run to failed/<job_id>/ with the reason."""
+        job_id = new_job_id(entry.name)
+        staging = self.failed / f"{REJECT_PREFIX}{self.instance}+{job_id}"
+        fsio.make_dir(staging)
+        state = JobState(id=job_id, source_name=entry.name, status=FAILED, error=reason)
+        state.file_bytes = entry.size if entry.regular else 0
+        state.request_counts.total = total or 0
+        state.finished_at = state.created_at
+        save_state(staging, state)
+        target = INPUT if entry.kind is Kind.JOB else entry.name
+        try:
+            fsio.move(entry.path, staging / target)
+        except FileNotFoundError:
+            fsio.remove_tree(staging)
+            return None
+        fsio.move(staging, self.failed / job_id)
+        return job_id
+
+    # -- processing ---------------------------------------------------------------
+
+    def job_dirs(self, where: Path | None = None) -> Iterator[Path]:
+        base = where or self.processing
+        with os.scandir(base) as it:
+            for d in it:
+                if not d.name.startswith(".") and d.is_dir(follow_symlinks=False):
+                    yield Path(d.path)
+
+    def active_jobs(self) -> list[tuple[Path, JobState]]:
+        """Jobs in processing/, in arrival (claim) order."""
+        jobs = []
+        for d in self.job_dirs():
+            try:
+                jobs.append((d, load_state(d)))
+            except (OSError, ValueError):
+                continue  # vanished (moved by another daemon) or mid-recovery
+        jobs.sort(key=lambda j: (j[1].created_at, j[1].id))
+        return jobs
+
+    def queue_load(self) -> QueueLoad:
+        load = QueueLoad()
+        for _, state in self.active_jobs():
+            if state.status not in TERMINAL:
+                load.jobs += 1
+                load.requests += state.remaining
+        return load
+
+    def finish(self, job_dir: Path, state: JobState) -> Path:
+        """Record a terminal state, then move the whole job directory (design §6)."""
+        save_state(job_dir, state)
+        target = (self.done if state.status == COMPLETED else self.failed) / state.id
+        fsio.move(job_dir, target)
+        return target
+
+    def cancel_requested(self, job_dir: Path) -> bool:
+        return (job_dir / CANCEL).exists()
+
+    # -- ownership (design §2) ----------------------------------------------------
+
+    def _owner_record(self) -> bytes:
+        return json.dumps(
+            {"instance": self.instance, "hostname": socket.gethostname(), "pid": os.getpid()}
+        ).encode()
+
+    def owner_of(self, job_dir: Path) -> str | None:
+        try:
+            owner = fsio.read_json(job_dir / OWNER)
+        except (OSError, ValueError):
+            return None
+        return owner.get("instance") if isinstance(owner, dict) else None
+
+    def instance_is_stale(self, instance: str, stale_after_s: float) -> bool:
+        age = heartbeat_age(self.heartbeats / f"{instance}.json")
+        return age is None or age > stale_after_s
+
+    def acquire(self, job_dir: Path, stale_after_s: float) -> bool:
+        """Become the one daemon that runs this job. False if a live peer has it."""
+        owner_path = job_dir / OWNER
+        if fsio.create_exclusive(owner_path, self._owner_record()):
+            return True
+        owner = self.owner_of(job_dir)
+        if owner is None:
+            # Half-written or unreadable owner file: judge it by its age.
+            try:
+                age = time.time() - owner_path.stat().st_mtime
+            except FileNotFoundError:
+                age = stale_after_s + 1
+            if age <= stale_after_s:
+                return False
+        elif owner != self.instance and not self.instance_is_stale(owner, stale_after_s):
+            return False
+        grave = job_dir / f"{OWNER}.{self.instance}.{secrets.token_hex(3)}.stale"
+        try:
+            fsio.move(owner_path, grave)
+        except FileNotFoundError:
+            return False  # another daemon took it over first
+        return fsio.create_exclusive(owner_path, self._owner_record())
+
+    def still_owner(self, job_dir: Path) -> bool:
+        try:
+            owner = fsio.read_json(job_dir / OWNER)
+        except (OSError, ValueError):
+            return False
+        return bool(owner.get("instance") == self.instance and owner.get("pid") == os.getpid())
+
+    # -- recovery (design §7) -----------------------------------------------------
+
+    def recover(self, stale_after_s: float) -> None:
+        """Turn whatever a crash left into a correct state, before any new work."""
+        self.ensure_layout()
+        for base in (self.processing, self.done, self.failed, self.heartbeats):
+            fsio.remove_stray_temps(base)
+        for d in self.job_dirs():
+            fsio.remove_stray_temps(d)
+        for base, prefix in ((self.processing, CLAIM_PREFIX), (self.failed, REJECT_PREFIX)):
+            for staging in base.iterdir():
+                if staging.name.startswith(prefix):
+                    self._recover_staging(staging, prefix, stale_after_s)
+        for d in self.job_dirs():
+            try:
+                state = load_state(d)
+            except FileNotFoundError:
+                continue
+            except ValueError:
+                log.error("unreadable state.json; job left in place", job_id=d.name)
+                continue
+            if state.status in TERMINAL:  # C9: terminal state written, move not done
+                log.info("finishing interrupted move", job_id=state.id, status=state.status)
+                self.finish(d, state)
+
+    def _recover_staging(self, staging: Path, prefix: str, stale_after_s: float) -> None:
+        rest = staging.name[len(prefix) :]
+        owner, _, job_id = rest.partition("+")
+        if owner != self.instance and not self.instance_is_stale(owner, stale_after_s):
+            return  # a live peer is in the middle of its claim
+        if not (staging / "state.json").exists() or not any(
+            p.name != "state.json" and not p.name.startswith(".") for p in staging.iterdir()
+        ):
+            fsio.remove_tree(staging)  # C1/C2: the file is still in incoming/
+            return
+        target = staging.parent / job_id
+        log.info("finishing interrupted claim", job_id=job_id)
+        fsio.move(staging, target)  # C3

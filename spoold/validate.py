@@ -1,0 +1,200 @@
+"""Pure validation: one raw input line → a Request, or a LineError saying what is wrong."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+CHAT_URL = "/v1/chat/completions"
+COMPLETIONS_URL = "/v1/completions"
+SUPPORTED_URLS = (CHAT_URL, COMPLETIONS_URL)
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    line: int
+    custom_id: str
+    url: str
+    body: dict[str, Any]
+
+    @property
+    def is_chat(self) -> bool:
+        return self.url == CHAT_URL
+
+    def text(self) -> str:
+        """All prompt text of the request (for markers and rough token counts)."""
+        if self.is_chat:
+            parts: list[str] = []
+            for m in self.body["messages"]:
+                content = m.get("content")
+                if isinstance(content, str):
+                    parts.append(content)
+                elif isinstance(content, list):
+                    parts.extend(p.get("text", "") for p in content if isinstance(p, dict))
+            return "\n".join(parts)
+        prompt = self.body["prompt"]
+        return prompt if isinstance(prompt, str) else "\n".join(prompt)
+
+
+@dataclass(frozen=True, slots=True)
+class LineError:
+    line: int
+    custom_id: str | None
+    code: str
+    message: str
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _str_or_str_list(v: Any) -> bool:
+    return isinstance(v, str) or (
+        isinstance(v, list) and len(v) <= 16 and all(isinstance(s, str) for s in v)
+    )
+
+
+# Sampling and output fields the engines honour: name → (check, what it must be).
+_FIELD_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "model": (lambda v: isinstance(v, str), "a string"),
+    "max_tokens": (lambda v: v is None or (_is_int(v) and v >= 1), "an integer >= 1"),
+    "max_completion_tokens": (lambda v: v is None or (_is_int(v) and v >= 1), "an integer >= 1"),
+    "temperature": (lambda v: v is None or (_is_num(v) and 0 <= v <= 2), "a number in [0, 2]"),
+    "top_p": (lambda v: v is None or (_is_num(v) and 0 < v <= 1), "a number in (0, 1]"),
+    "top_k": (lambda v: v is None or (_is_int(v) and (v == -1 or v >= 0)), "-1 or an integer >= 0"),
+    "min_p": (lambda v: v is None or (_is_num(v) and 0 <= v <= 1), "a number in [0, 1]"),
+    "n": (lambda v: v is None or (_is_int(v) and 1 <= v <= 128), "an integer in [1, 128]"),
+    "stop": (lambda v: v is None or _str_or_str_list(v), "a string or a list of strings"),
+    "seed": (lambda v: v is None or _is_int(v), "an integer"),
+    "presence_penalty": (
+        lambda v: v is None or (_is_num(v) and -2 <= v <= 2),
+        "a number in [-2, 2]",
+    ),
+    "frequency_penalty": (
+        lambda v: v is None or (_is_num(v) and -2 <= v <= 2),
+        "a number in [-2, 2]",
+    ),
+    "repetition_penalty": (lambda v: v is None or (_is_num(v) and v > 0), "a number > 0"),
+    "logprobs": (lambda v: v is None or isinstance(v, bool) or _is_int(v), "a boolean or integer"),
+    "top_logprobs": (lambda v: v is None or (_is_int(v) and 0 <= v <= 20), "an integer in [0, 20]"),
+    "response_format": (lambda v: isinstance(v, dict) and "type" in v, "an object with 'type'"),
+    "stream": (lambda v: v is None or v is False, "false (batch jobs cannot stream)"),
+    "echo": (lambda v: v is None or v is False, "false"),
+    "suffix": (lambda v: v is None, "null"),
+    "best_of": (lambda v: v is None or v == 1, "1"),
+    "ignore_eos": (lambda v: isinstance(v, bool), "a boolean"),
+    "min_tokens": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "skip_special_tokens": (lambda v: isinstance(v, bool), "a boolean"),
+}
+# Accepted and ignored: they do not change what the engine computes.
+_HARMLESS = {"user", "metadata", "store", "service_tier", "stream_options"}
+
+
+def _check_messages(messages: Any) -> str | None:
+    if not isinstance(messages, list) or not messages:
+        return "body.messages must be a non-empty list of message objects"
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            return f"body.messages[{i}] must be an object"
+        role = m.get("role")
+        if role not in ("system", "developer", "user", "assistant", "tool"):
+            return f"body.messages[{i}].role must be system, developer, user, assistant or tool"
+        content = m.get("content")
+        if isinstance(content, str):
+            continue
+        if content is None and role == "assistant":
+            continue
+        if isinstance(content, list) and all(
+            isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+            for p in content
+        ):
+            continue
+        return f"body.messages[{i}].content must be a string or a list of text parts"
+    return None
+
+
+def _check_prompt(prompt: Any) -> str | None:
+    if isinstance(prompt, str):
+        return None
+    if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+        if len(prompt) > 1:
+            return "body.prompt as a list of several prompts is not supported: one prompt per line"
+        return None
+    return "body.prompt must be a string"
+
+
+def check_body(url: str, body: Any) -> str | None:
+    """What is wrong with a request body for `url`, or None."""
+    if not isinstance(body, dict):
+        return "body must be a JSON object"
+    problem = (
+        _check_messages(body.get("messages"))
+        if url == CHAT_URL
+        else _check_prompt(body.get("prompt"))
+    )
+    if problem:
+        return problem
+    shape_key = "messages" if url == CHAT_URL else "prompt"
+    for key, value in body.items():
+        if key == shape_key or key in _HARMLESS:
+            continue
+        check = _FIELD_CHECKS.get(key)
+        if check is None:
+            return f"body.{key} is not supported by spoold; remove it from the request"
+        ok, what = check
+        if not ok(value):
+            return f"body.{key} must be {what}, got {json.dumps(value)[:80]}"
+    return None
+
+
+def parse_line(raw: bytes, line: int) -> Request | LineError | None:
+    """Parse one line of an input file. None for a blank line.
+
+    Raises UnicodeDecodeError for bytes that are not UTF-8 (the whole file fails).
+    """
+    text = raw.decode("utf-8")
+    if line == 1 and text.startswith("\ufeff"):
+        text = text[1:]
+    text = text.strip()
+    if not text:
+        return None
+    try:
+        obj = json.loads(text)
+    except ValueError as e:
+        return LineError(line, None, "invalid_json", f"line {line}: not valid JSON ({e})")
+    if not isinstance(obj, dict):
+        return LineError(line, None, "invalid_request", f"line {line}: must be a JSON object")
+    custom_id = obj.get("custom_id")
+    if not isinstance(custom_id, str) or not custom_id:
+        return LineError(
+            line, None, "invalid_request", f"line {line}: custom_id must be a non-empty string"
+        )
+
+    def bad(message: str) -> LineError:
+        return LineError(line, custom_id, "invalid_request", f"line {line}: {message}")
+
+    if obj.get("method") != "POST":
+        return bad(f'method must be "POST", got {json.dumps(obj.get("method"))}')
+    url = obj.get("url")
+    if url not in SUPPORTED_URLS:
+        return bad(f"url must be one of {', '.join(SUPPORTED_URLS)}, got {json.dumps(url)}")
+    problem = check_body(url, obj.get("body"))
+    if problem:
+        return bad(problem)
+    return Request(line=line, custom_id=custom_id, url=url, body=obj["body"])
+
+
+def duplicate_error(line: int, custom_id: str, first_line: int) -> LineError:
+    return LineError(
+        line,
+        custom_id,
+        "duplicate_custom_id",
+        f"line {line}: custom_id {custom_id!r} already used on line {first_line}; "
+        "custom_id must be unique in a file",
+    )
