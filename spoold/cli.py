@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -30,6 +31,116 @@ def cmd_run(args: argparse.Namespace) -> int:
     return daemon.run(drain=args.drain)
 
 
+def _load_optional(args: argparse.Namespace) -> Config:
+    """The config if one is named or installed; defaults otherwise (for offline checks)."""
+    path = resolve_config_path(args.config)
+    if args.config or os.environ.get("SPOOLD_CONFIG") or path.exists():
+        return _load(args)
+    return Config()
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from spoold.spool import Spool
+    from spoold.submit import SubmitError, submit_file
+
+    cfg = _load(args)
+    spool = Spool(cfg.spool_dir, cfg.instance)
+    code = 0
+    for name in args.files:
+        try:
+            print(spool.incoming / submit_file(spool, Path(name)))
+        except (SubmitError, OSError) as e:
+            print(f"spoold submit: {e}", file=sys.stderr)
+            code = 1
+    return code
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    from spoold.spool import Spool
+    from spoold.submit import SubmitError, find_job
+
+    cfg = _load(args)
+    spool = Spool(cfg.spool_dir, cfg.instance)
+    try:
+        job_dir = find_job(spool, args.job_id)
+    except SubmitError as e:
+        print(f"spoold cancel: {e}", file=sys.stderr)
+        return 1
+    if job_dir.parent != spool.processing:
+        print(
+            f"spoold cancel: job {args.job_id} has already finished ({job_dir.parent.name}/)",
+            file=sys.stderr,
+        )
+        return 1
+    try:
+        spool.request_cancel(job_dir)
+    except FileNotFoundError:
+        print(f"spoold cancel: job {args.job_id} finished meanwhile", file=sys.stderr)
+        return 1
+    print(f"cancel requested for {args.job_id}: it stops at its next chunk boundary")
+    return 0
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    from spoold.spool import Spool
+    from spoold.submit import SubmitError, retry_job
+
+    cfg = _load(args)
+    spool = Spool(cfg.spool_dir, cfg.instance)
+    try:
+        name, count = retry_job(spool, args.job_id, cfg.limits.max_line_bytes)
+    except (SubmitError, OSError) as e:
+        print(f"spoold retry: {e}", file=sys.stderr)
+        return 1
+    print(f"{spool.incoming / name} ({count} requests)")
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from spoold.validate import LineError, NotUtf8Error, scan_file
+
+    cfg = _load_optional(args)
+    limits = cfg.limits
+    path = Path(args.file)
+    problems = valid = 0
+
+    def problem(message: str) -> None:
+        nonlocal problems
+        problems += 1
+        print(f"{path}: {message}")
+
+    try:
+        f = open(path, "rb")  # noqa: SIM115 - closed below, errors reported as problems
+    except OSError as e:
+        problem(f"cannot read: {e.strerror}")
+        return 1
+    with f:
+        size = os.fstat(f.fileno()).st_size
+        if not path.name.endswith(".jsonl"):
+            problem("the name must end in .jsonl to be picked up as a job")
+        if size > limits.max_file_bytes:
+            problem(f"{size} bytes, over limits.max_file_bytes ({limits.max_file_bytes})")
+        total = 0
+        try:
+            for item in scan_file(f, limits.max_line_bytes):
+                total += 1
+                if isinstance(item, LineError):
+                    problem(item.message)
+                else:
+                    valid += 1
+        except NotUtf8Error as e:
+            problem(f"{e}: the whole file would fail")
+            return 1
+    if total > limits.max_requests_per_job:
+        problem(
+            f"{total} requests, over limits.max_requests_per_job ({limits.max_requests_per_job})"
+        )
+    if valid == 0:
+        problem("no valid request: the whole file would fail")
+    print(f"{path}: {total} requests, {valid} valid, {problems} problem(s)")
+    return 1 if problems else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="spoold", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -45,6 +156,30 @@ def main(argv: list[str] | None = None) -> int:
         help="process everything claimable in incoming/ and processing/, then exit 0",
     )
     run.set_defaults(func=cmd_run)
+
+    config_help = "config file (default: $SPOOLD_CONFIG or /etc/spoold/spoold.yaml)"
+    submit = sub.add_parser("submit", help="copy files into incoming/ safely")
+    submit.add_argument("files", nargs="+", metavar="FILE")
+    submit.add_argument("--config", help=config_help)
+    submit.add_argument("--spool", help="spool directory (overrides the config)")
+    submit.set_defaults(func=cmd_submit)
+
+    cancel = sub.add_parser("cancel", help="cancel a queued or running job")
+    cancel.add_argument("job_id", metavar="JOB_ID")
+    cancel.add_argument("--config", help=config_help)
+    cancel.add_argument("--spool", help="spool directory (overrides the config)")
+    cancel.set_defaults(func=cmd_cancel)
+
+    retry = sub.add_parser("retry", help="resubmit a job's retryable failed requests")
+    retry.add_argument("job_id", metavar="JOB_ID")
+    retry.add_argument("--config", help=config_help)
+    retry.add_argument("--spool", help="spool directory (overrides the config)")
+    retry.set_defaults(func=cmd_retry)
+
+    validate = sub.add_parser("validate", help="check a file as admission would; submit nothing")
+    validate.add_argument("file", metavar="FILE")
+    validate.add_argument("--config", help=config_help)
+    validate.set_defaults(func=cmd_validate)
 
     args = parser.parse_args(argv)
     try:

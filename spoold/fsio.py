@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,32 @@ def move(src: Path, dst: Path) -> None:
     fsync_dir(dst.parent)
     if src.parent != dst.parent:
         fsync_dir(src.parent)
+
+
+def publish(src: Path, dst: Path) -> None:
+    """Give a finished temp file its final name without ever replacing an existing file.
+
+    link + unlink rather than rename: rename would silently overwrite `dst`.
+    Raises FileExistsError when `dst` exists.
+    """
+    os.link(src, dst)
+    os.unlink(src)
+    fsync_dir(dst.parent)
+
+
+def write_temp(directory: Path, label: str, chunks: Iterable[bytes]) -> Path:
+    """Write `chunks` to a new dot-named temp file in `directory` and fsync it."""
+    tmp = directory / f".{label}.{secrets.token_hex(4)}{TMP_SUFFIX}"
+    try:
+        with open(tmp, "xb") as f:
+            for chunk in chunks:
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
 
 
 def make_dir(path: Path) -> None:

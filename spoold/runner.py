@@ -10,7 +10,6 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
 
 import structlog
 
@@ -34,32 +33,19 @@ from spoold.job import (
     utcnow,
 )
 from spoold.spool import Spool
-from spoold.validate import LineError, Request, duplicate_error, parse_line
+from spoold.validate import (
+    DUPLICATE,
+    LineError,
+    NotUtf8Error,
+    Request,
+    iter_lines,
+    parse_line,
+    scan_file,
+)
 
 log = structlog.get_logger("spoold.runner")
 
 ProgressFn = Callable[[JobState, float], None]
-
-
-def iter_lines(
-    f: BinaryIO, offset: int, first_line: int, max_line_bytes: int
-) -> Iterator[tuple[int, int, bytes | None]]:
-    """(line number, end offset, raw bytes or None when longer than the cap), streamed."""
-    f.seek(offset)
-    line_no = first_line
-    while True:
-        raw = f.readline(max_line_bytes + 1)
-        if not raw:
-            return
-        offset += len(raw)
-        if len(raw) > max_line_bytes and not raw.endswith(b"\n"):
-            while (rest := f.readline(1 << 20)) and not rest.endswith(b"\n"):
-                offset += len(rest)
-            offset += len(rest)
-            yield line_no, offset, None
-        else:
-            yield line_no, offset, raw
-        line_no += 1
 
 
 class JobFailed(Exception):
@@ -157,46 +143,33 @@ class Runner:
     # -- validation (design §4) ------------------------------------------------------
 
     def _validate(self, job_dir: Path, state: JobState) -> None:
-        seen: dict[str, int] = {}
+        counts = state.request_counts
+        counts.total = counts.failed = counts.completed = 0
         duplicates: list[int] = []
-        total = invalid = 0
-        cap = self.cfg.limits.max_line_bytes
         with AppendLog(job_dir / ERRORS, 0) as errors, open(job_dir / INPUT, "rb") as f:
-            for line_no, _, raw in iter_lines(f, 0, 1, cap):
-                if raw is None:
-                    total += 1
-                    invalid += 1
-                    msg = f"line {line_no}: longer than {cap} bytes (limits.max_line_bytes)"
-                    errors.append(formats.error_line(state.id, line_no, None, "line_too_long", msg))
-                    continue
-                try:
-                    parsed = parse_line(raw, line_no)
-                except UnicodeDecodeError as e:
-                    raise JobFailed(
-                        f"{state.source_name}: not UTF-8 text (line {line_no}, byte {e.start}); "
-                        "save the file as UTF-8 and submit it again"
-                    ) from None
-                if parsed is None:
-                    continue
-                total += 1
-                if isinstance(parsed, Request) and parsed.custom_id in seen:
-                    duplicates.append(line_no)
-                    parsed = duplicate_error(line_no, parsed.custom_id, seen[parsed.custom_id])
-                elif parsed.custom_id is not None:
-                    seen.setdefault(parsed.custom_id, line_no)
-                if isinstance(parsed, LineError):
-                    invalid += 1
-                    errors.append(
-                        formats.error_line(
-                            state.id, line_no, parsed.custom_id, parsed.code, parsed.message
+            try:
+                for item in scan_file(f, self.cfg.limits.max_line_bytes):
+                    counts.total += 1
+                    if isinstance(item, LineError):
+                        counts.failed += 1
+                        if item.code == DUPLICATE:
+                            duplicates.append(item.line)
+                        errors.append(
+                            formats.error_line(
+                                state.id, item.line, item.custom_id, item.code, item.message
+                            )
                         )
-                    )
+            except NotUtf8Error as e:
+                raise JobFailed(
+                    f"{state.source_name}: {e}; save the file as UTF-8 and submit it again"
+                ) from None
             errors.sync()
-            state.request_counts.total = total
-            state.request_counts.failed = invalid
-            state.request_counts.completed = 0
-            if total == invalid:
-                why = "it has no request lines" if total == 0 else f"all {total} lines are invalid"
+            if counts.total == counts.failed:
+                why = (
+                    "it has no request lines"
+                    if counts.total == 0
+                    else f"all {counts.total} lines are invalid"
+                )
                 raise JobFailed(f"{state.source_name}: no valid request ({why}); see errors.jsonl")
             state.duplicate_lines = duplicates
             state.checkpoint = Checkpoint(validated=True, errors_bytes=errors.size)

@@ -248,6 +248,10 @@ class Spool:
         fsio.move(job_dir, target)
         return target
 
+    def request_cancel(self, job_dir: Path) -> None:
+        """Ask the daemon to stop a job at its next chunk boundary."""
+        fsio.create_exclusive(job_dir / CANCEL, b"")
+
     def cancel_requested(self, job_dir: Path) -> bool:
         return (job_dir / CANCEL).exists()
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, BinaryIO
 
 CHAT_URL = "/v1/chat/completions"
 COMPLETIONS_URL = "/v1/completions"
 SUPPORTED_URLS = (CHAT_URL, COMPLETIONS_URL)
+DUPLICATE = "duplicate_custom_id"
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,7 +195,65 @@ def duplicate_error(line: int, custom_id: str, first_line: int) -> LineError:
     return LineError(
         line,
         custom_id,
-        "duplicate_custom_id",
+        DUPLICATE,
         f"line {line}: custom_id {custom_id!r} already used on line {first_line}; "
         "custom_id must be unique in a file",
     )
+
+
+class NotUtf8Error(ValueError):
+    """The file is not UTF-8 text: the whole job fails."""
+
+    def __init__(self, line: int, byte: int) -> None:
+        super().__init__(f"not UTF-8 text (line {line}, byte {byte})")
+        self.line = line
+
+
+def iter_lines(
+    f: BinaryIO, offset: int, first_line: int, max_line_bytes: int
+) -> Iterator[tuple[int, int, bytes | None]]:
+    """(line number, end offset, raw bytes or None when longer than the cap), streamed."""
+    f.seek(offset)
+    line_no = first_line
+    while True:
+        raw = f.readline(max_line_bytes + 1)
+        if not raw:
+            return
+        offset += len(raw)
+        if len(raw) > max_line_bytes and not raw.endswith(b"\n"):
+            while (rest := f.readline(1 << 20)) and not rest.endswith(b"\n"):
+                offset += len(rest)
+            offset += len(rest)
+            yield line_no, offset, None
+        else:
+            yield line_no, offset, raw
+        line_no += 1
+
+
+def scan_file(f: BinaryIO, max_line_bytes: int) -> Iterator[Request | LineError]:
+    """Check every line of an input file, streamed: what admission and validation see.
+
+    Duplicate custom_ids are caught here (the set of ids is the only per-request
+    memory). Raises NotUtf8Error for a file that is not UTF-8 text.
+    """
+    seen: dict[str, int] = {}
+    for line_no, _, raw in iter_lines(f, 0, 1, max_line_bytes):
+        if raw is None:
+            yield LineError(
+                line_no,
+                None,
+                "line_too_long",
+                f"line {line_no}: longer than {max_line_bytes} bytes (limits.max_line_bytes)",
+            )
+            continue
+        try:
+            parsed = parse_line(raw, line_no)
+        except UnicodeDecodeError as e:
+            raise NotUtf8Error(line_no, e.start) from None
+        if parsed is None:
+            continue
+        if parsed.custom_id is not None:
+            first = seen.setdefault(parsed.custom_id, line_no)
+            if first != line_no and isinstance(parsed, Request):
+                parsed = duplicate_error(line_no, parsed.custom_id, first)
+        yield parsed

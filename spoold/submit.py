@@ -1,0 +1,100 @@
+"""Putting work into incoming/ safely: `spoold submit` and `spoold retry`."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from spoold import fsio
+from spoold.job import ERRORS, INPUT
+from spoold.spool import Spool
+from spoold.validate import Request, scan_file
+
+# Errors worth running again: the engine failed, not the request's content.
+RETRYABLE_CODES = {"engine_error", "engine_timeout"}
+
+
+class SubmitError(Exception):
+    """A submission that cannot be made; the message says what to do."""
+
+
+def _publish(incoming: Path, name: str, chunks: Iterable[bytes]) -> str:
+    """Write under a temp name, fsync, then take `name` (or `name-1`, …) without replacing."""
+    tmp = fsio.write_temp(incoming, name, chunks)
+    stem = name[: -len(".jsonl")]
+    try:
+        for candidate in (name, *(f"{stem}-{i}.jsonl" for i in range(1, 1000))):
+            try:
+                fsio.publish(tmp, incoming / candidate)
+            except FileExistsError:
+                continue
+            return candidate
+    finally:
+        tmp.unlink(missing_ok=True)
+    raise SubmitError(f"incoming/ already holds too many files named like {name}")
+
+
+def _read_chunks(path: Path) -> Iterator[bytes]:
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            yield block
+
+
+def submit_file(spool: Spool, path: Path) -> str:
+    """Copy `path` into incoming/ (temp name, fsync, publish). Returns the name used."""
+    if not path.name.endswith(".jsonl"):
+        raise SubmitError(f"{path}: only .jsonl files are jobs; rename it to end in .jsonl")
+    if not path.is_file():
+        raise SubmitError(f"{path}: no such file")
+    spool.ensure_layout()
+    return _publish(spool.incoming, path.name, _read_chunks(path))
+
+
+def find_job(spool: Spool, job_id: str) -> Path:
+    """The directory of a job, wherever it is. Raises SubmitError if there is none."""
+    if "/" in job_id or job_id.startswith("."):
+        raise SubmitError(f"{job_id!r} is not a job id")
+    for base in (spool.processing, spool.done, spool.failed):
+        if (base / job_id).is_dir():
+            return base / job_id
+    raise SubmitError(f"no job {job_id!r} in {spool.root} (looked in processing/, done/, failed/)")
+
+
+def retry_job(spool: Spool, job_id: str, max_line_bytes: int) -> tuple[str, int]:
+    """A new file in incoming/ with the job's retryable failed requests: (name, count)."""
+    job_dir = find_job(spool, job_id)
+    wanted: set[str] = set()
+    try:
+        with open(job_dir / ERRORS, "rb") as f:
+            for raw in f:
+                record = json.loads(raw)
+                if (record.get("error") or {}).get("code") in RETRYABLE_CODES:
+                    wanted.add(record["custom_id"])
+    except FileNotFoundError:
+        pass
+    if not wanted:
+        raise SubmitError(
+            f"job {job_id} has no failed requests that can be retried "
+            f"(only {', '.join(sorted(RETRYABLE_CODES))} errors are; invalid requests "
+            "must be fixed and submitted as a new file)"
+        )
+    count = 0
+
+    def lines() -> Iterator[bytes]:
+        nonlocal count
+        with open(job_dir / INPUT, "rb") as f:
+            for item in scan_file(f, max_line_bytes):
+                if isinstance(item, Request) and item.custom_id in wanted:
+                    count += 1
+                    record = {
+                        "custom_id": item.custom_id,
+                        "method": "POST",
+                        "url": item.url,
+                        "body": item.body,
+                    }
+                    yield json.dumps(record, ensure_ascii=False).encode() + b"\n"
+
+    spool.ensure_layout()
+    name = _publish(spool.incoming, f"{job_id}.retry.jsonl", lines())
+    return name, count

@@ -1,0 +1,121 @@
+"""Shared test helpers: spools in temp dirs, request files, running the real `spoold`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+SPOOLD = [sys.executable, "-m", "spoold"]
+
+
+def chat(custom_id: str, content: str = "Hello!", **body: Any) -> dict[str, Any]:
+    return {
+        "custom_id": custom_id,
+        "method": "POST",
+        "url": "/v1/chat/completions",
+        "body": {"model": "any", "messages": [{"role": "user", "content": content}], **body},
+    }
+
+
+def completion(custom_id: str, prompt: str = "Once upon", **body: Any) -> dict[str, Any]:
+    return {
+        "custom_id": custom_id,
+        "method": "POST",
+        "url": "/v1/completions",
+        "body": {"model": "any", "prompt": prompt, **body},
+    }
+
+
+def write_jsonl(path: Path, records: Iterable[dict[str, Any] | str]) -> Path:
+    with open(path, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+    return path
+
+
+def make_config(tmp: Path, **overrides: Any) -> Path:
+    """A fake-engine config on a spool under `tmp`; `overrides` are nested dicts."""
+    cfg: dict[str, Any] = {
+        "spool_dir": str(tmp / "spool"),
+        "watch": {"settle_seconds": 0.1},
+        "heartbeat": {"interval_s": 0.5, "stale_after_s": 5},
+        "logging": {"format": "json"},
+        "engine": {"backend": "fake"},
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(cfg.get(key), dict):
+            cfg[key] = {**cfg[key], **value}
+        else:
+            cfg[key] = value
+    path = tmp / "spoold.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    (tmp / "spool" / "incoming").mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def run_spoold(
+    *args: str, timeout: float = 120, check: bool = False
+) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(
+        [*SPOOLD, *args], capture_output=True, text=True, timeout=timeout, env=_env()
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"spoold {args} exited {proc.returncode}:\n{proc.stderr}{proc.stdout}")
+    return proc
+
+
+def drain(config: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return run_spoold("run", "--config", str(config), "--drain", timeout=timeout, check=True)
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("SPOOLD_CONFIG", None)
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def job_dirs(spool: Path, where: str) -> list[Path]:
+    base = spool / where
+    return sorted(p for p in base.iterdir() if not p.name.startswith(".")) if base.is_dir() else []
+
+
+def only_job(spool: Path, where: str) -> Path:
+    dirs = job_dirs(spool, where)
+    assert len(dirs) == 1, f"expected one job in {where}/, found {[d.name for d in dirs]}"
+    return dirs[0]
+
+
+def state(job_dir: Path) -> dict[str, Any]:
+    return json.loads((job_dir / "state.json").read_text())
+
+
+def read_results(job_dir: Path, name: str) -> list[dict[str, Any]]:
+    """Parse every line of a result file; fails on a torn or invalid line."""
+    path = job_dir / name
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    assert not data or data.endswith(b"\n"), f"{path} ends in a torn line"
+    return [json.loads(line) for line in data.splitlines()]
+
+
+def assert_exactly_once(job_dir: Path, expected_ids: Iterable[str]) -> None:
+    """Every expected custom_id appears exactly once in output ∪ errors."""
+    ids = [r["custom_id"] for r in read_results(job_dir, "output.jsonl")]
+    ids += [r["custom_id"] for r in read_results(job_dir, "errors.jsonl")]
+    counts = Counter(ids)
+    expected = set(expected_ids)
+    missing = expected - counts.keys()
+    dupes = {k: v for k, v in counts.items() if v > 1 and k in expected}
+    assert not missing, f"{len(missing)} custom_ids missing, e.g. {sorted(missing)[:5]}"
+    assert not dupes, f"custom_ids more than once: {dict(list(dupes.items())[:5])}"
