@@ -244,7 +244,7 @@ class Spool:
     def finish(self, job_dir: Path, state: JobState) -> Path:
         """Record a terminal state, then move the whole job directory (design §6)."""
         save_state(job_dir, state)
-        target = (self.done if state.status == COMPLETED else self.failed) / state.id
+        target = (self.done if state.status == COMPLETED else self.failed) / job_dir.name
         fsio.move(job_dir, target)
         return target
 

@@ -1,0 +1,143 @@
+"""The operator commands, run as real subprocesses."""
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+from tests.helpers import (
+    SPOOLD,
+    _env,
+    chat,
+    drain,
+    job_dirs,
+    make_config,
+    only_job,
+    read_results,
+    run_spoold,
+    state,
+    write_jsonl,
+)
+
+
+def test_submit_copies_under_temp_name_and_never_overwrites(tmp_path: Path) -> None:
+    cfg = make_config(tmp_path)
+    src = write_jsonl(tmp_path / "batch.jsonl", [chat("a"), chat("b")])
+    first = run_spoold("submit", "--config", str(cfg), str(src), check=True)
+    second = run_spoold("submit", "--config", str(cfg), str(src), check=True)
+    incoming = tmp_path / "spool" / "incoming"
+    assert first.stdout.strip() == str(incoming / "batch.jsonl")
+    assert second.stdout.strip() == str(incoming / "batch-1.jsonl")
+    assert sorted(p.name for p in incoming.iterdir()) == ["batch-1.jsonl", "batch.jsonl"]
+    assert (incoming / "batch.jsonl").read_bytes() == src.read_bytes()
+
+
+def test_submit_refuses_non_jsonl_and_missing(tmp_path: Path) -> None:
+    cfg = make_config(tmp_path)
+    (tmp_path / "notes.txt").write_text("x")
+    proc = run_spoold("submit", "--config", str(cfg), str(tmp_path / "notes.txt"))
+    assert proc.returncode == 1 and ".jsonl" in proc.stderr
+    proc = run_spoold("submit", "--config", str(cfg), str(tmp_path / "nope.jsonl"))
+    assert proc.returncode == 1 and "no such file" in proc.stderr
+
+
+def test_validate_prints_every_problem_and_submits_nothing(tmp_path: Path) -> None:
+    cfg = make_config(tmp_path)
+    f = write_jsonl(
+        tmp_path / "mixed.jsonl",
+        [chat("a"), "{oops", chat("a"), chat("b", temperature=9), chat("c")],
+    )
+    proc = run_spoold("validate", "--config", str(cfg), str(f))
+    assert proc.returncode == 1
+    out = proc.stdout
+    assert "line 2" in out and "line 3" in out and "line 4" in out
+    assert "body.temperature" in out and "5 requests, 2 valid, 3 problem(s)" in out
+    assert not list((tmp_path / "spool" / "incoming").iterdir())
+    good = write_jsonl(tmp_path / "good.jsonl", [chat("a")])
+    proc = run_spoold("validate", str(good))  # no config needed: defaults
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_validate_reports_limits_and_encoding(tmp_path: Path) -> None:
+    cfg = make_config(tmp_path, limits={"max_requests_per_job": 2})
+    f = write_jsonl(tmp_path / "big.jsonl", [chat(str(i)) for i in range(3)])
+    proc = run_spoold("validate", "--config", str(cfg), str(f))
+    assert proc.returncode == 1 and "limits.max_requests_per_job" in proc.stdout
+    bad = tmp_path / "latin.jsonl"
+    bad.write_bytes(b'{"custom_id": "caf\xe9"}\n')
+    proc = run_spoold("validate", "--config", str(cfg), str(bad))
+    assert proc.returncode == 1 and "UTF-8" in proc.stdout
+
+
+def test_retry_resubmits_engine_failures_only(tmp_path: Path) -> None:
+    cfg = make_config(tmp_path, engine={"backend": "fake", "fake": {"fail_marker": "POISON"}})
+    write_jsonl(
+        tmp_path / "spool" / "incoming" / "job.jsonl",
+        [chat("ok1"), chat("bad", "POISON here"), "{broken", chat("ok2")],
+    )
+    drain(cfg)
+    job = only_job(tmp_path / "spool", "done")
+    proc = run_spoold("retry", "--config", str(cfg), job.name, check=True)
+    assert "(1 requests)" in proc.stdout
+    retry_file = tmp_path / "spool" / "incoming" / f"{job.name}.retry.jsonl"
+    lines = [json.loads(x) for x in retry_file.read_text().splitlines()]
+    assert [x["custom_id"] for x in lines] == ["bad"]
+    assert lines[0]["body"]["messages"][0]["content"] == "POISON here"
+    proc = run_spoold("retry", "--config", str(cfg), "no-such-job")
+    assert proc.returncode == 1 and "no job" in proc.stderr
+
+
+def test_cancel_running_job_keeps_partial_results(tmp_path: Path) -> None:
+    cfg = make_config(
+        tmp_path,
+        processing={"chunk_size": 20},
+        engine={"backend": "fake", "fake": {"delay_per_request_s": 0.01, "batch_size": 10}},
+    )
+    spool = tmp_path / "spool"
+    write_jsonl(spool / "incoming" / "long.jsonl", [chat(f"r{i}") for i in range(2000)])
+    daemon = subprocess.Popen(
+        [*SPOOLD, "run", "--config", str(cfg), "--drain"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=_env(),
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            jobs = job_dirs(spool, "processing")
+            if jobs and state(jobs[0])["request_counts"]["completed"] >= 40:
+                break
+            time.sleep(0.05)
+        proc = run_spoold("cancel", "--config", str(cfg), jobs[0].name, check=True)
+        assert "cancel requested" in proc.stdout
+        assert daemon.wait(30) == 0
+    finally:
+        daemon.kill()
+        daemon.wait()
+    job = only_job(spool, "failed")
+    st = state(job)
+    assert st["status"] == "cancelled"
+    done = len(read_results(job, "output.jsonl"))
+    assert 40 <= done < 2000 and st["request_counts"]["completed"] == done
+    proc = run_spoold("cancel", "--config", str(cfg), job.name)
+    assert proc.returncode == 1 and "already finished" in proc.stderr
+
+
+def test_cancel_queued_job(tmp_path: Path) -> None:
+    cfg = make_config(tmp_path, watch={"settle_seconds": 0})
+    spool = tmp_path / "spool"
+    write_jsonl(spool / "incoming" / "q.jsonl", [chat("a")])
+    # Claim without running: a daemon with a full queue would do the same; here we
+    # claim by hand through the library the daemon uses.
+    from spoold.spool import Spool, classify
+
+    s = Spool(spool)
+    s.ensure_layout()
+    entry = classify(spool / "incoming" / "q.jsonl")
+    assert entry is not None
+    job_id = s.claim(entry, 1, 1)
+    assert job_id
+    run_spoold("cancel", "--config", str(cfg), job_id, check=True)
+    drain(cfg)
+    st = state(spool / "failed" / job_id)
+    assert st["status"] == "cancelled" and st["request_counts"]["completed"] == 0

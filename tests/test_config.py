@@ -1,0 +1,104 @@
+from pathlib import Path
+
+import pytest
+
+from spoold.config import Config, ConfigError, load_config, parse_config
+from tests.helpers import run_spoold
+
+
+def test_defaults_match_spec() -> None:
+    cfg = parse_config({})
+    assert cfg.limits.max_requests_per_job == 50_000
+    assert cfg.limits.max_file_bytes == 200_000_000
+    assert cfg.processing.chunk_size == 5000
+    assert cfg.processing.max_job_attempts == 3
+    assert cfg.heartbeat.interval_s == 10
+    assert cfg.heartbeat.stale_after_s == 60
+    assert cfg.engine.gpu_memory_utilization == 0.85
+    assert cfg.gpu.max_memory_percent == 95
+    assert cfg.gpu.max_temperature_c == 85
+    assert cfg.instance == "default"
+
+
+def test_nested_values_are_read_and_typed() -> None:
+    cfg = parse_config({"spool_dir": "/srv/spool", "engine": {"fake": {"delay_per_request_s": 1}}})
+    assert cfg.spool_dir == Path("/srv/spool")
+    assert cfg.engine.fake.delay_per_request_s == 1.0
+    assert isinstance(cfg.engine.fake.delay_per_request_s, float)
+
+
+@pytest.mark.parametrize(
+    ("raw", "key"),
+    [
+        ({"limts": {}}, "limts"),
+        ({"limits": {"max_queue_dept": 3}}, "limits.max_queue_dept"),
+        ({"engine": {"fake": {"delay_per_reqest_s": 1}}}, "engine.fake.delay_per_reqest_s"),
+        ({"limits": {"max_queue_depth": "five"}}, "limits.max_queue_depth"),
+        ({"limits": {"max_queue_depth": 0}}, "limits.max_queue_depth"),
+        ({"processing": {"chunk_size": 2.5}}, "processing.chunk_size"),
+        ({"watch": {"polling": "yes"}}, "watch.polling"),
+        ({"engine": {"backend": "tensorrt"}}, "engine.backend"),
+        ({"engine": {"gpu_memory_utilization": 1.5}}, "engine.gpu_memory_utilization"),
+        ({"instance": "gpu/0"}, "instance"),
+        ({"heartbeat": {"interval_s": 30, "stale_after_s": 10}}, "heartbeat.stale_after_s"),
+        ({"engine": {"models": {"gpt-4": 3}}}, "engine.models.gpt-4"),
+    ],
+)
+def test_bad_key_or_value_names_the_key(raw: dict[str, object], key: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config(raw, "my.yaml")
+    assert key in str(err.value)
+    assert "my.yaml" in str(err.value)
+
+
+def test_not_a_mapping_and_bad_yaml(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(path)
+    path.write_text("limits: {max_queue_depth: [\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_empty_file_gives_defaults(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("")
+    assert load_config(path) == Config()
+
+
+def test_shipped_configs_load() -> None:
+    root = Path(__file__).resolve().parent.parent
+    for name in ("spoold.yaml", "fake.yaml"):
+        load_config(root / "config" / name)
+
+
+def test_spoold_run_with_bad_config_exits_2_before_touching_anything(tmp_path: Path) -> None:
+    spool = tmp_path / "spool"
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(f"spool_dir: {spool}\nprocessing:\n  chunk_sise: 10\n")
+    proc = run_spoold("run", "--config", str(cfg), "--drain")
+    assert proc.returncode == 2
+    assert "processing.chunk_sise" in proc.stderr
+    assert not spool.exists()
+
+
+def test_config_from_environment_variable(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    cfg = tmp_path / "env.yaml"
+    cfg.write_text("limits: {max_queue_depth: -1}\n")
+    env = {**os.environ, "SPOOLD_CONFIG": str(cfg)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "spoold", "run", "--drain"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert str(cfg) in proc.stderr and "limits.max_queue_depth" in proc.stderr

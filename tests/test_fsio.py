@@ -1,0 +1,84 @@
+import os
+from pathlib import Path
+
+import pytest
+
+from spoold import fsio
+
+
+def test_atomic_write_replaces_and_leaves_no_temp(tmp_path: Path) -> None:
+    p = tmp_path / "state.json"
+    fsio.atomic_write(p, b"one")
+    fsio.atomic_write(p, b"two")
+    assert p.read_bytes() == b"two"
+    assert [x.name for x in tmp_path.iterdir()] == ["state.json"]
+
+
+def test_remove_stray_temps_only_removes_ours(tmp_path: Path) -> None:
+    (tmp_path / ".state.json.ab12.tmp").write_text("x")
+    (tmp_path / "user.tmp").write_text("x")
+    (tmp_path / "output.jsonl").write_text("x")
+    fsio.remove_stray_temps(tmp_path)
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["output.jsonl", "user.tmp"]
+
+
+def test_move_never_replaces(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    with pytest.raises(FileExistsError):
+        fsio.move(tmp_path / "a", tmp_path / "b")
+    with pytest.raises(FileNotFoundError):
+        fsio.move(tmp_path / "missing", tmp_path / "c")
+    fsio.move(tmp_path / "a", tmp_path / "c")
+    assert (tmp_path / "c").is_dir() and not (tmp_path / "a").exists()
+
+
+def test_publish_never_replaces(tmp_path: Path) -> None:
+    tmp = fsio.write_temp(tmp_path, "x.jsonl", [b"new"])
+    (tmp_path / "x.jsonl").write_bytes(b"old")
+    with pytest.raises(FileExistsError):
+        fsio.publish(tmp, tmp_path / "x.jsonl")
+    assert (tmp_path / "x.jsonl").read_bytes() == b"old"
+
+
+def test_append_log_truncates_uncommitted_tail(tmp_path: Path) -> None:
+    p = tmp_path / "output.jsonl"
+    p.write_bytes(b'{"a": 1}\n{"b": 2}\n{"torn')
+    with fsio.AppendLog(p, keep_bytes=9) as log:
+        log.append(b'{"c": 3}\n')
+        assert p.read_bytes() == b'{"a": 1}\n'  # nothing written before sync
+        log.sync()
+        assert log.size == 18
+    assert p.read_bytes() == b'{"a": 1}\n{"c": 3}\n'
+
+
+def test_append_log_close_without_sync_writes_nothing(tmp_path: Path) -> None:
+    p = tmp_path / "output.jsonl"
+    with fsio.AppendLog(p, 0) as log:
+        log.append(b"x\n")
+    assert p.read_bytes() == b""
+
+
+def test_append_log_refuses_a_file_shorter_than_its_checkpoint(tmp_path: Path) -> None:
+    p = tmp_path / "output.jsonl"
+    p.write_bytes(b"abc")
+    with pytest.raises(RuntimeError, match="truncated"):
+        fsio.AppendLog(p, keep_bytes=10)
+
+
+def test_create_exclusive(tmp_path: Path) -> None:
+    p = tmp_path / "owner.json"
+    assert fsio.create_exclusive(p, b"1")
+    assert not fsio.create_exclusive(p, b"2")
+    assert p.read_bytes() == b"1"
+
+
+def test_remove_tree_does_not_follow_symlinks(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep").write_text("x")
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    os.symlink(outside, staging / "link")
+    fsio.remove_tree(staging)
+    assert not staging.exists() and (outside / "keep").exists()

@@ -1,0 +1,155 @@
+import json
+import multiprocessing
+import os
+import time
+from pathlib import Path
+
+from spoold.heartbeat import Heartbeat
+from spoold.job import JobState, load_state, save_state
+from spoold.spool import Kind, SettleTracker, Spool, classify, count_requests
+from tests.helpers import chat, write_jsonl
+
+
+def test_classify(tmp_path: Path) -> None:
+    write_jsonl(tmp_path / "a.jsonl", [chat("a")])
+    (tmp_path / "b.txt").write_text("x")
+    (tmp_path / "c.jsonl.part").write_text("x")
+    (tmp_path / ".c.jsonl.Ab12Cd").write_text("x")
+    (tmp_path / "d.jsonl.filepart").write_text("x")
+    os.symlink("/etc/hostname", tmp_path / "e.jsonl")
+    os.mkfifo(tmp_path / "f.jsonl")
+    (tmp_path / "g.jsonl").mkdir()
+    kinds = {p.name: classify(p) for p in tmp_path.iterdir()}
+    assert {k: e.kind for k, e in kinds.items() if e} == {
+        "a.jsonl": Kind.JOB,
+        "b.txt": Kind.NOT_A_JOB,
+        "c.jsonl.part": Kind.UPLOADING,
+        ".c.jsonl.Ab12Cd": Kind.UPLOADING,
+        "d.jsonl.filepart": Kind.UPLOADING,
+        "e.jsonl": Kind.NOT_A_JOB,
+        "f.jsonl": Kind.NOT_A_JOB,
+        "g.jsonl": Kind.NOT_A_JOB,
+    }
+    assert "link" in (kinds["e.jsonl"].reason or "")  # type: ignore[union-attr]
+    assert "FIFO" in (kinds["f.jsonl"].reason or "")  # type: ignore[union-attr]
+    assert classify(tmp_path / "gone.jsonl") is None
+
+
+def test_settle_waits_for_unchanged_size_and_mtime(tmp_path: Path) -> None:
+    p = tmp_path / "a.jsonl"
+    p.write_text("x")
+    tracker = SettleTracker(settle_s=5)
+    e = classify(p)
+    assert e is not None
+    assert not tracker.settled(e, now=100)
+    assert not tracker.settled(e, now=104)
+    with open(p, "a") as f:
+        f.write("more")
+    e2 = classify(p)
+    assert e2 is not None
+    assert not tracker.settled(e2, now=104.5)  # changed: the clock starts again
+    assert "a.jsonl" in tracker.changed
+    assert not tracker.settled(e2, now=109)
+    assert tracker.settled(e2, now=109.6)
+
+
+def test_settle_zero_claims_at_once(tmp_path: Path) -> None:
+    p = tmp_path / "a.jsonl"
+    p.write_text("x")
+    e = classify(p)
+    assert e is not None and SettleTracker(0).settled(e, now=1)
+
+
+def test_count_requests_counts_non_blank_lines(tmp_path: Path) -> None:
+    p = tmp_path / "a.jsonl"
+    p.write_bytes(b'{"a":1}\n\n  \r\n{"b":2}\r\n{"c":3}')
+    assert count_requests(p, 1000) == (3, p.stat().st_size)
+    assert count_requests(p, 10)[0] == -1
+
+
+def _claim(root: str, name: str, q: "multiprocessing.Queue[str | None]") -> None:
+    spool = Spool(Path(root), f"i{os.getpid()}")
+    e = classify(spool.incoming / name)
+    q.put(spool.claim(e, 1, 1) if e else None)
+
+
+def test_only_one_of_several_daemons_claims_a_file(tmp_path: Path) -> None:
+    """Claim by rename (design §1): racing processes, one winner, nothing left behind."""
+    spool = Spool(tmp_path)
+    spool.ensure_layout()
+    for round_ in range(5):
+        write_jsonl(spool.incoming / f"r{round_}.jsonl", [chat("a")])
+        q: multiprocessing.Queue[str | None] = multiprocessing.Queue()
+        procs = [
+            multiprocessing.Process(target=_claim, args=(str(tmp_path), f"r{round_}.jsonl", q))
+            for _ in range(4)
+        ]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(10)
+        results = [q.get(timeout=5) for _ in procs]
+        winners = [r for r in results if r]
+        assert len(winners) == 1, results
+    jobs = sorted(p.name for p in spool.processing.iterdir())
+    assert len(jobs) == 5 and not any(j.startswith(".") for j in jobs)
+    assert all(load_state(spool.processing / j).status == "queued" for j in jobs)
+
+
+def test_ownership_and_takeover_of_stale_peer(tmp_path: Path) -> None:
+    """Design §2: a live peer keeps its job; a stale one loses it."""
+    a, b = Spool(tmp_path, "gpu0"), Spool(tmp_path, "gpu1")
+    a.ensure_layout()
+    job = tmp_path / "processing" / "j1"
+    job.mkdir()
+    beat = Heartbeat(a.heartbeats / "gpu0.json", 1, {})
+    beat.write()
+    assert a.acquire(job, stale_after_s=60)
+    assert a.still_owner(job)
+    assert not b.acquire(job, stale_after_s=60)  # gpu0 is alive
+    old = json.loads((a.heartbeats / "gpu0.json").read_text())
+    old["updated_at"] = "2000-01-01T00:00:00Z"
+    (a.heartbeats / "gpu0.json").write_text(json.dumps(old))
+    assert b.acquire(job, stale_after_s=60)
+    assert b.still_owner(job) and not a.still_owner(job)
+
+
+def test_recover_finishes_terminal_jobs_and_claims(tmp_path: Path) -> None:
+    """C3 and C9 built on disk, then recovery."""
+    spool = Spool(tmp_path)
+    spool.ensure_layout()
+    write_jsonl(spool.incoming / "x.jsonl", [chat("a")])
+    e = classify(spool.incoming / "x.jsonl")
+    assert e is not None
+    job_id = spool.claim(e, 1, 1)
+    assert job_id
+    # C9: terminal state written, directory not yet moved.
+    st = load_state(spool.processing / job_id)
+    st.status = "completed"
+    save_state(spool.processing / job_id, st)
+    # C3: a claim dir holding the input, not yet renamed into place.
+    staging = spool.processing / ".claim-default+y-20260101T000000-abcdef"
+    staging.mkdir()
+    save_state(staging, JobState(id="y-20260101T000000-abcdef", source_name="y.jsonl"))
+    write_jsonl(staging / "input.jsonl", [chat("b")])
+    # C1: an empty claim dir.
+    (spool.processing / ".claim-default+z-20260101T000000-abcdef").mkdir()
+    spool.recover(stale_after_s=60)
+    assert (spool.done / job_id).is_dir()
+    assert (spool.processing / "y-20260101T000000-abcdef" / "input.jsonl").exists()
+    assert sorted(p.name for p in spool.processing.iterdir()) == ["y-20260101T000000-abcdef"]
+
+
+def test_heartbeat_thread_keeps_writing(tmp_path: Path) -> None:
+    beat = Heartbeat(tmp_path / "default.json", 0.05, {"max_queue_depth": 5})
+    beat.start()
+    first = json.loads((tmp_path / "default.json").read_text())["updated_at"]
+    time.sleep(0.3)
+    beat.set(status="processing")
+    time.sleep(0.2)
+    data = json.loads((tmp_path / "default.json").read_text())
+    beat.stop()
+    assert data["updated_at"] > first and data["status"] == "processing"
+    assert json.loads((tmp_path / "default.json").read_text())["status"] == "stopping"
+    for key in ("pid", "hostname", "instance", "version", "started_at", "current_job", "gpu"):
+        assert key in data

@@ -1,0 +1,118 @@
+import io
+import json
+from typing import Any
+
+import pytest
+
+from spoold.validate import LineError, NotUtf8Error, Request, parse_line, scan_file
+from tests.helpers import chat, completion
+
+
+def line(obj: Any) -> bytes:
+    return (json.dumps(obj) + "\n").encode()
+
+
+def test_valid_chat_and_completion() -> None:
+    r = parse_line(line(chat("a", max_tokens=5, temperature=0)), 1)
+    assert isinstance(r, Request) and r.is_chat and r.custom_id == "a" and r.line == 1
+    r = parse_line(line(completion("b", stop=["\n"])), 7)
+    assert isinstance(r, Request) and not r.is_chat and r.text() == "Once upon"
+
+
+def test_blank_lines_are_skipped() -> None:
+    assert parse_line(b"   \r\n", 3) is None
+
+
+def test_bom_and_crlf_accepted() -> None:
+    r = parse_line(b"\xef\xbb\xbf" + line(chat("a")).rstrip(b"\n") + b"\r\n", 1)
+    assert isinstance(r, Request)
+
+
+def test_non_utf8_raises() -> None:
+    with pytest.raises(UnicodeDecodeError):
+        parse_line(b'{"custom_id": "\xe9"}\n', 1)
+
+
+@pytest.mark.parametrize(
+    ("obj", "code", "custom_id", "needle"),
+    [
+        ("not json", "invalid_json", None, "not valid JSON"),
+        ([1, 2], "invalid_request", None, "JSON object"),
+        ({"method": "POST"}, "invalid_request", None, "custom_id"),
+        ({**chat("x"), "custom_id": ""}, "invalid_request", None, "custom_id"),
+        ({**chat("x"), "custom_id": 12}, "invalid_request", None, "custom_id"),
+        ({**chat("x"), "method": "GET"}, "invalid_request", "x", "method"),
+        ({**chat("x"), "url": "/v1/embeddings"}, "invalid_request", "x", "url"),
+        ({**chat("x"), "body": []}, "invalid_request", "x", "body"),
+        ({**chat("x"), "body": {"model": "m"}}, "invalid_request", "x", "body.messages"),
+        (chat("x", max_tokens="ten"), "invalid_request", "x", "body.max_tokens"),
+        (chat("x", max_tokens=0), "invalid_request", "x", "body.max_tokens"),
+        (chat("x", temperature=5), "invalid_request", "x", "body.temperature"),
+        (chat("x", n=0), "invalid_request", "x", "body.n"),
+        (chat("x", stream=True), "invalid_request", "x", "body.stream"),
+        (chat("x", tools=[]), "invalid_request", "x", "body.tools"),
+        (chat("x", stop=[1]), "invalid_request", "x", "body.stop"),
+        (completion("x", prompt=5), "invalid_request", "x", "body.prompt"),
+        (completion("x", prompt=["a", "b"]), "invalid_request", "x", "body.prompt"),
+    ],
+)
+def test_invalid_lines_say_what_and_where(
+    obj: Any, code: str, custom_id: str | None, needle: str
+) -> None:
+    raw = obj.encode() + b"\n" if isinstance(obj, str) else line(obj)
+    err = parse_line(raw, 42)
+    assert isinstance(err, LineError)
+    assert (err.code, err.custom_id, err.line) == (code, custom_id, 42)
+    assert "line 42" in err.message and needle in err.message
+
+
+def test_messages_shapes() -> None:
+    bad = chat("x")
+    bad["body"]["messages"] = [{"role": "wizard", "content": "hi"}]
+    assert isinstance(parse_line(line(bad), 1), LineError)
+    bad["body"]["messages"] = [{"role": "user", "content": 5}]
+    assert isinstance(parse_line(line(bad), 1), LineError)
+    ok = chat("x")
+    ok["body"]["messages"] = [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": [{"type": "text", "text": "hi"}]},
+        {"role": "assistant", "content": None},
+    ]
+    r = parse_line(line(ok), 1)
+    assert isinstance(r, Request) and r.text() == "be brief\nhi"
+
+
+def test_harmless_fields_are_accepted() -> None:
+    assert isinstance(parse_line(line(chat("x", user="u", metadata={"a": 1})), 1), Request)
+
+
+def test_scan_file_catches_duplicates_and_long_lines() -> None:
+    data = (
+        line(chat("a"))
+        + b"\n"
+        + line(chat("b"))
+        + line(chat("a"))
+        + b"x" * 5000
+        + b"\n"
+        + line(completion("c"))
+    )
+    items = list(scan_file(io.BytesIO(data), max_line_bytes=1000))
+    assert [type(i).__name__ for i in items] == [
+        "Request",
+        "Request",
+        "LineError",
+        "LineError",
+        "Request",
+    ]
+    dup, long = items[2], items[3]
+    assert isinstance(dup, LineError) and dup.code == "duplicate_custom_id" and dup.line == 4
+    assert "line 2" not in dup.message and "line 1" in dup.message
+    assert isinstance(long, LineError) and long.code == "line_too_long" and long.line == 5
+    assert items[4].line == 6
+
+
+def test_scan_file_not_utf8_names_line() -> None:
+    data = line(chat("a")) + b'{"custom_id": "\xff"}\n'
+    with pytest.raises(NotUtf8Error) as err:
+        list(scan_file(io.BytesIO(data), 1000))
+    assert err.value.line == 2
