@@ -80,6 +80,7 @@ class JobState:
     checkpoint: Checkpoint = field(default_factory=Checkpoint)
     duplicate_lines: list[int] = field(default_factory=list)
     file_bytes: int = 0
+    requests_in_file: int = 0
     instance: str | None = None
     updated_at: str = field(default_factory=utcnow)
 

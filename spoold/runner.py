@@ -127,9 +127,10 @@ class Runner:
         self, job_dir: Path, state: JobState, status: str, jlog: structlog.BoundLogger
     ) -> str:
         state.transition(status)
-        if status == COMPLETED:
-            c = state.request_counts
-            c.total = c.completed + c.failed
+        # Once finished, total = completed + failed (SPEC §4); what the file held
+        # stays in requests_in_file.
+        c = state.request_counts
+        c.total = c.completed + c.failed
         self.spool.finish(job_dir, state)
         jlog.info(
             "job finished",
@@ -160,10 +161,13 @@ class Runner:
                             )
                         )
             except NotUtf8Error as e:
+                errors.sync()  # the lines already dead-lettered stay counted and kept
+                state.requests_in_file = counts.total
                 raise JobFailed(
                     f"{state.source_name}: {e}; save the file as UTF-8 and submit it again"
                 ) from None
             errors.sync()
+            state.requests_in_file = counts.total
             if counts.total == counts.failed:
                 why = (
                     "it has no request lines"

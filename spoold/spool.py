@@ -184,7 +184,7 @@ class Spool:
         staging = self.processing / f"{CLAIM_PREFIX}{self.instance}+{job_id}"
         fsio.make_dir(staging)  # step 1
         state = JobState(id=job_id, source_name=entry.name, file_bytes=file_bytes)
-        state.request_counts.total = total
+        state.request_counts.total = state.requests_in_file = total
         save_state(staging, state)  # step 2
         try:
             fsio.move(entry.path, staging / INPUT)  # step 3: the rename is the lock
@@ -201,7 +201,7 @@ class Spool:
         fsio.make_dir(staging)
         state = JobState(id=job_id, source_name=entry.name, status=FAILED, error=reason)
         state.file_bytes = entry.size if entry.regular else 0
-        state.request_counts.total = total or 0
+        state.requests_in_file = total or 0
         state.finished_at = state.created_at
         save_state(staging, state)
         target = INPUT if entry.kind is Kind.JOB else entry.name
