@@ -20,8 +20,8 @@ run: $(VENV)/.installed
 	$(BIN)/spoold run --config $(CONFIG) --spool $(SPOOL)
 
 lint: $(VENV)/.installed
-	$(BIN)/ruff check spoold tests bench
-	$(BIN)/ruff format --check spoold tests bench
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 typecheck: $(VENV)/.installed
 	$(BIN)/mypy
