@@ -26,7 +26,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     cfg = _load(args)
     setup_logging(cfg.logging.format, cfg.logging.level)
-    daemon = Daemon(cfg, lambda: make_engine(cfg.engine))
+    daemon = Daemon(cfg, lambda model: make_engine(cfg.engine, model))
     daemon.install_signal_handlers()
     return daemon.run(drain=args.drain)
 

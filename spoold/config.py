@@ -39,6 +39,12 @@ class EngineConfig:
     extra_args: dict[str, Any] = field(default_factory=dict)
     fake: FakeEngineConfig = field(default_factory=FakeEngineConfig)
 
+    def resolve_model(self, requested: object) -> str:
+        """The engine model for a request's body.model: a mapped alias, else engine.model."""
+        if isinstance(requested, str) and requested in self.models:
+            return self.models[requested]
+        return self.model
+
 
 @dataclass
 class WatchConfig:

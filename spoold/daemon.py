@@ -19,12 +19,13 @@ import structlog
 from spoold.config import Config
 from spoold.engines.base import Engine, EngineFatal
 from spoold.heartbeat import Heartbeat
-from spoold.job import TERMINAL, JobState
+from spoold.job import INPUT, TERMINAL, JobState
 from spoold.spool import Entry, Kind, QueueLoad, SettleTracker, Spool, count_requests
+from spoold.validate import first_request
 
 log = structlog.get_logger("spoold.daemon")
 
-EngineFactory = Callable[[], Engine]
+EngineFactory = Callable[[str], Engine]  # model → engine
 
 
 @dataclass
@@ -52,6 +53,7 @@ class Daemon:
         self.stop_requested = threading.Event()
         self._counts: dict[str, tuple[tuple[int, int], int, int]] = {}
         self._unmovable: set[str] = set()
+        self._job_models: dict[str, str] = {}
         limits = {k: getattr(cfg.limits, k) for k in vars(cfg.limits)}
         limits["chunk_size"] = cfg.processing.chunk_size
         self.heartbeat = Heartbeat(cfg.heartbeat_path, cfg.heartbeat.interval_s, limits)
@@ -198,28 +200,58 @@ class Daemon:
     # -- running --------------------------------------------------------------------
 
     def run_next_job(self) -> bool:
-        """Run the oldest job we can own. False when there is none."""
-        for job_dir, state in self.spool.active_jobs():
-            if state.status in TERMINAL:
-                continue
+        """Run the oldest job we can own, preferring the loaded model's. False if none."""
+        jobs = [(d, st) for d, st in self.spool.active_jobs() if st.status not in TERMINAL]
+        self._job_models = {
+            st.id: self._job_models.get(st.id) or self._model_of(d, st) for d, st in jobs
+        }
+        loaded = self.engine.model if self.engine is not None else None
+        # Don't switch back and forth: jobs for the loaded model go first.
+        jobs.sort(key=lambda j: self._job_models[j[1].id] != loaded)
+        for job_dir, state in jobs:
             if not self.spool.acquire(job_dir, self.cfg.heartbeat.stale_after_s):
                 continue
-            self._run_job(job_dir, state)
+            self._run_job(job_dir, state, self._job_models[state.id])
             return True
         return False
 
-    def _run_job(self, job_dir: Path, state: JobState) -> None:
+    def _model_of(self, job_dir: Path, state: JobState) -> str:
+        """The engine model a job needs: its first request's body.model, resolved."""
+        if state.model:
+            return state.model
+        try:
+            with open(job_dir / INPUT, "rb") as f:
+                first = first_request(f, self.cfg.limits.max_line_bytes)
+        except OSError:
+            first = None
+        return self.cfg.engine.resolve_model(first.body.get("model") if first else None)
+
+    def _engine_for(self, model: str) -> Engine:
+        if self.engine is not None and self.engine.model != model:
+            log.info("switching model", old=self.engine.model, new=model)
+            self.engine.close()
+            self.engine = None
+        if self.engine is None:
+            self.heartbeat.set(status="loading_model", model=model)
+            try:
+                self.engine = self.engine_factory(model)
+            except Exception as e:
+                raise EngineFatal(
+                    f"cannot load model {model!r} (engine.model / engine.models in the "
+                    f"config): {type(e).__name__}: {e}"
+                ) from e
+        return self.engine
+
+    def _run_job(self, job_dir: Path, state: JobState, model: str) -> None:
         from spoold.runner import Runner
 
-        if self.engine is None:
-            self.heartbeat.set(status="loading_model")
-            self.engine = self.engine_factory()
+        engine = self._engine_for(model)
         self.heartbeat.set(status="processing")
         self.heartbeat.progress(self._job_progress(state, 0.0))
         runner = Runner(
             self.spool,
             self.cfg,
-            self.engine,
+            engine,
             should_stop=self.stop_requested.is_set,
             on_progress=lambda s, rate: self.heartbeat.progress(self._job_progress(s, rate)),
         )

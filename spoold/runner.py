@@ -35,6 +35,7 @@ from spoold.job import (
 from spoold.spool import Spool
 from spoold.validate import (
     DUPLICATE,
+    MODEL_MISMATCH,
     LineError,
     NotUtf8Error,
     Request,
@@ -64,6 +65,7 @@ class _Run:
     halt: str | None = None  # why feeding stopped: "stop", "cancel", "lost"
     tokens: int = 0
     started: float = field(default_factory=time.monotonic)
+    next_report: float = 0.0
 
 
 class Runner:
@@ -98,7 +100,7 @@ class Runner:
         state.transition(RUNNING)
         state.started_at = state.started_at or utcnow()
         state.instance = self.spool.instance
-        state.model = state.model or self.engine.model
+        state.model = self.engine.model
         save_state(job_dir, state)
         jlog.info("job started", attempt=state.attempts, resume=state.checkpoint.validated)
         try:
@@ -146,15 +148,18 @@ class Runner:
     def _validate(self, job_dir: Path, state: JobState) -> None:
         counts = state.request_counts
         counts.total = counts.failed = counts.completed = 0
-        duplicates: list[int] = []
+        rejected: list[int] = []
+        model = self.engine.model
         with AppendLog(job_dir / ERRORS, 0) as errors, open(job_dir / INPUT, "rb") as f:
             try:
                 for item in scan_file(f, self.cfg.limits.max_line_bytes):
                     counts.total += 1
+                    if isinstance(item, Request):
+                        item = self._check_model(item, model)
                     if isinstance(item, LineError):
                         counts.failed += 1
-                        if item.code == DUPLICATE:
-                            duplicates.append(item.line)
+                        if item.code in (DUPLICATE, MODEL_MISMATCH):
+                            rejected.append(item.line)
                         errors.append(
                             formats.error_line(
                                 state.id, item.line, item.custom_id, item.code, item.message
@@ -175,16 +180,30 @@ class Runner:
                     else f"all {counts.total} lines are invalid"
                 )
                 raise JobFailed(f"{state.source_name}: no valid request ({why}); see errors.jsonl")
-            state.duplicate_lines = duplicates
+            state.rejected_lines = rejected
             state.checkpoint = Checkpoint(validated=True, errors_bytes=errors.size)
         save_state(job_dir, state)
+
+    def _check_model(self, request: Request, job_model: str) -> Request | LineError:
+        """A job runs on one model; a line whose body.model maps to another is an error."""
+        wanted = self.cfg.engine.resolve_model(request.body.get("model"))
+        if wanted == job_model:
+            return request
+        return LineError(
+            request.line,
+            request.custom_id,
+            MODEL_MISMATCH,
+            f"line {request.line}: body.model {request.body.get('model')!r} runs on "
+            f"{wanted!r}, but this job runs on {job_model!r} (set by its first request): "
+            "submit requests for another model in a separate file",
+        )
 
     # -- running (design §5) ---------------------------------------------------------
 
     def _execute(self, job_dir: Path, state: JobState) -> _Run:
         ck = state.checkpoint
         run = _Run(next_line=ck.next_line, next_offset=ck.input_offset, done=set(ck.done_lines))
-        skip = set(state.duplicate_lines) | run.done
+        skip = set(state.rejected_lines) | run.done
         with (
             AppendLog(job_dir / OUTPUT, ck.output_bytes) as out,
             AppendLog(job_dir / ERRORS, ck.errors_bytes) as err,
@@ -230,6 +249,8 @@ class Runner:
                 run.since_commit += 1
                 if run.since_commit >= self.cfg.processing.chunk_size:
                     self._commit(job_dir, state, run, out, err)
+                elif self.on_progress is not None and time.monotonic() >= run.next_report:
+                    self._report(state, run)
 
             def isolate(requests: list[Request], error: Exception) -> None:
                 """Find the request(s) that make the engine fail, by bisection."""
@@ -292,5 +313,11 @@ class Runner:
         if run.halt is None and self.spool.cancel_requested(job_dir):
             run.halt = "cancel"
         if self.on_progress is not None:
-            elapsed = max(time.monotonic() - run.started, 1e-9)
-            self.on_progress(state, run.tokens / elapsed)
+            self._report(state, run)
+
+    def _report(self, state: JobState, run: _Run) -> None:
+        """Progress and tokens/s to the heartbeat: at commits and about once a second."""
+        assert self.on_progress is not None
+        now = time.monotonic()
+        run.next_report = now + 1.0
+        self.on_progress(state, run.tokens / max(now - run.started, 1e-9))

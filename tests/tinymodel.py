@@ -1,0 +1,121 @@
+"""Build a tiny Llama (random weights, ~160k parameters) with its own tokenizer, offline.
+
+Model hubs are unreachable from the build machines, so the real-vLLM tests make
+their model: a 2-layer Llama (hidden 64, 2 heads of 32: vLLM's CPU attention
+needs head_dim 32/64/80/…), a byte-level BPE tokenizer trained on a small
+built-in corpus, and a jinja chat template. Deterministic: same files every time.
+
+Run as a script to build it: `python -m tests.tinymodel DIR`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+VERSION = "1"  # bump when the recipe changes: the cache key includes it
+
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['content'] is string %}{% set text = message['content'] %}"
+    "{% else %}{% set text = message['content'] | map(attribute='text') | join('') %}{% endif %}"
+    "<|{{ message['role'] }}|>{{ text }}{{ eos_token }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+_CORPUS = """
+Once upon a time there was a little model that answered every question with a story.
+The quick brown fox jumps over the lazy dog. Hello! How are you today?
+Tell me a story about a dragon, a castle, and a brave knight who loved numbers.
+What is the capital of France? Paris is the capital of France.
+Write a haiku about the sea. Waves fold into foam; the tide keeps its own counsel.
+One two three four five six seven eight nine ten eleven twelve.
+{"name": "Ada", "age": 36, "city": "London"} JSON objects have keys and values.
+Summarise the following text in one sentence. Translate to German: good morning.
+"""
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("SPOOLD_TEST_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "spoold-tests"
+    )
+    return Path(base) / f"tiny-llama-v{VERSION}"
+
+
+def build(target: Path) -> Path:
+    """Build the model into `target` (atomically: a temp dir renamed into place)."""
+    if (target / "config.json").exists():
+        return target
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+
+    specials = ["<s>", "</s>", "<unk>", "<pad>"]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=800,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS.split("\n") * 20, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    fast.model_max_length = 512
+    fast.save_pretrained(tmp)
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(fast),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=32,
+        max_position_embeddings=512,
+        bos_token_id=fast.bos_token_id,
+        eos_token_id=fast.eos_token_id,
+        pad_token_id=fast.pad_token_id,
+        tie_word_embeddings=False,
+        torch_dtype="float32",
+    )
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(tmp, safe_serialization=True)
+    # No sampling defaults in generation_config: vllm serve and spoold both use
+    # vLLM's own defaults, which is what the fidelity test compares.
+    (tmp / "generation_config.json").write_text(
+        json.dumps(
+            {
+                "bos_token_id": fast.bos_token_id,
+                "eos_token_id": fast.eos_token_id,
+                "pad_token_id": fast.pad_token_id,
+            }
+        )
+    )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.rename(tmp, target)
+    except OSError:
+        if not (target / "config.json").exists():  # lost a race to another builder: fine
+            raise
+    return target
+
+
+if __name__ == "__main__":
+    print(build(Path(sys.argv[1]) if len(sys.argv) > 1 else default_cache_dir()))
