@@ -5,6 +5,8 @@ Signal handlers only set a flag; the loop checks it between steps.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import threading
 import time
@@ -12,7 +14,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Any
 
 import structlog
 
@@ -20,8 +21,10 @@ from spoold.config import Config
 from spoold.engines.base import Engine, EngineFatal
 from spoold.heartbeat import Heartbeat
 from spoold.job import INPUT, TERMINAL, JobState
+from spoold.notify import Notifier
 from spoold.spool import Entry, Kind, QueueLoad, SettleTracker, Spool, count_requests
 from spoold.validate import first_request
+from spoold.watch import Watcher
 
 log = structlog.get_logger("spoold.daemon")
 
@@ -51,6 +54,10 @@ class Daemon:
         self.clock = clock
         self.settle = SettleTracker(cfg.watch.settle_seconds)
         self.stop_requested = threading.Event()
+        self.wake = threading.Event()  # set by filesystem events and signals
+        self.notifier = Notifier()
+        # Without inotify events (--drain) poll briskly; the watcher wakes us otherwise.
+        self._max_idle_s = 1.0
         self._counts: dict[str, tuple[tuple[int, int], int, int]] = {}
         self._unmovable: set[str] = set()
         self._job_models: dict[str, str] = {}
@@ -61,46 +68,88 @@ class Daemon:
     # -- life cycle ---------------------------------------------------------------
 
     def install_signal_handlers(self) -> None:
+        """SIGTERM/SIGINT only set flags; the loop stops at the next chunk boundary."""
+
         def on_signal(signum: int, _frame: FrameType | None) -> None:
-            self.stop_requested.set()
+            self.request_stop()
 
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
 
+    def request_stop(self) -> None:
+        """Stop taking work; abandon the current chunk if it outlives stop_timeout_s."""
+        if self.stop_requested.is_set():
+            return
+        self.stop_requested.set()
+        self.wake.set()
+        self.heartbeat.set(status="stopping")
+        timer = threading.Timer(self.cfg.processing.stop_timeout_s, self._abandon)
+        timer.daemon = True
+        timer.start()
+
+    def _abandon(self) -> None:
+        # The chunk did not finish in time: exit without committing it. Its results
+        # are past the checkpoint, so the next start truncates and redoes them.
+        log.warning(
+            "stop timeout: abandoning the current chunk",
+            stop_timeout_s=self.cfg.processing.stop_timeout_s,
+        )
+        self.notifier.stopping()
+        with contextlib.suppress(OSError):
+            self.heartbeat.stop("stopping")
+        os._exit(0)
+
     def run(self, drain: bool = False) -> int:
-        """The main loop. Returns the process exit code."""
+        """recover → (admit → run one job)* until stopped (or drained). The exit code."""
         self.spool.recover(self.cfg.heartbeat.stale_after_s)
         self.heartbeat.start()
-        log.info("spoold started", spool=str(self.spool.root), instance=self.cfg.instance)
+        watcher = None
+        if not drain:
+            watcher = Watcher(
+                [self.spool.incoming, self.spool.processing], self.wake, self.cfg.watch.polling
+            )
+            watcher.start()
+        log.info(
+            "spoold started", spool=str(self.spool.root), instance=self.cfg.instance, drain=drain
+        )
+        self.notifier.ready("recovered; watching incoming/")
+        code = 0
         try:
             while not self.stop_requested.is_set():
+                self.notifier.watchdog()
                 report = self.admit()
                 if self.run_next_job():
                     continue
                 if drain and not self._drain_should_wait(report):
                     break
-                self.heartbeat.set(status="idle", current_job=None)
-                self.stop_requested.wait(self._idle_wait(report))
+                self._idle(report)
         except EngineFatal as e:
-            log.error(
-                "the engine died; exiting so that the service manager restarts us", error=str(e)
-            )
+            log.error("the engine died; exiting so the service manager restarts us", error=str(e))
+            code = 1
+        finally:
+            if watcher is not None:
+                watcher.stop()
             self.shutdown()
-            return 1
-        self.shutdown()
-        return 0
+        return code
 
     def shutdown(self) -> None:
+        self.notifier.stopping()
         self.heartbeat.stop("stopping")
         if self.engine is not None:
             self.engine.close()
             self.engine = None
         log.info("spoold stopped")
 
-    def _idle_wait(self, report: AdmitReport) -> float:
+    def _idle(self, report: AdmitReport) -> None:
+        waiting = len(report.waiting)
+        self.heartbeat.set(status="idle", current_job=None, waiting=waiting)
+        self.notifier.status(f"idle; {waiting} file(s) waiting for room" if waiting else "idle")
         now = self.clock()
         waits = [self.settle.wait_left(e, now) for e in report.settling]
-        return max(0.05, min([*waits, 1.0]))
+        # Events wake us early; the rescan interval is the safety net.
+        timeout = min([*waits, self.cfg.watch.rescan_interval_s, self._max_idle_s])
+        self.wake.wait(max(0.05, timeout))
+        self.wake.clear()
 
     def _drain_should_wait(self, report: AdmitReport) -> bool:
         """--drain waits for files about to settle, not for uploads still growing."""
@@ -233,6 +282,7 @@ class Daemon:
             self.engine = None
         if self.engine is None:
             self.heartbeat.set(status="loading_model", model=model)
+            self.notifier.status(f"loading model {model}")
             try:
                 self.engine = self.engine_factory(model)
             except Exception as e:
@@ -240,6 +290,7 @@ class Daemon:
                     f"cannot load model {model!r} (engine.model / engine.models in the "
                     f"config): {type(e).__name__}: {e}"
                 ) from e
+            self.engine.on_step = self.notifier.watchdog
         return self.engine
 
     def _run_job(self, job_dir: Path, state: JobState, model: str) -> None:
@@ -247,13 +298,13 @@ class Daemon:
 
         engine = self._engine_for(model)
         self.heartbeat.set(status="processing")
-        self.heartbeat.progress(self._job_progress(state, 0.0))
+        self._progress(state, 0.0)
         runner = Runner(
             self.spool,
             self.cfg,
             engine,
             should_stop=self.stop_requested.is_set,
-            on_progress=lambda s, rate: self.heartbeat.progress(self._job_progress(s, rate)),
+            on_progress=self._progress,
         )
         try:
             runner.run(job_dir)
@@ -263,12 +314,12 @@ class Daemon:
             # Never die for one job: its attempt counter ends a job that keeps failing.
             log.exception("job run failed", job_id=state.id)
 
-    @staticmethod
-    def _job_progress(state: JobState, rate: float) -> dict[str, Any]:
+    def _progress(self, state: JobState, rate: float) -> None:
+        """Work moved: heartbeat fields, systemd status and watchdog."""
         c = state.request_counts
-        return {
-            "id": state.id,
-            "completed": c.completed + c.failed,
-            "total": c.total,
-            "tokens_per_s": round(rate, 1),
-        }
+        done = c.completed + c.failed
+        self.heartbeat.progress(
+            {"id": state.id, "completed": done, "total": c.total, "tokens_per_s": round(rate, 1)}
+        )
+        self.notifier.status(f"processing {state.id}: {done}/{c.total}")
+        self.notifier.watchdog()

@@ -32,10 +32,20 @@ from spoold.job import (
     new_job_id,
     save_state,
 )
+from spoold.layout import (
+    DONE,
+    HEARTBEATS,
+    INCOMING,
+    JOB_SUFFIX,
+    PROCESSING,
+    is_upload_in_progress,
+)
+from spoold.layout import (
+    FAILED as FAILED_DIR,
+)
 
 log = structlog.get_logger("spoold.spool")
 
-IN_PROGRESS_SUFFIXES = (".tmp", ".part", ".partial", ".filepart")
 CLAIM_PREFIX = ".claim-"
 REJECT_PREFIX = ".reject-"
 
@@ -73,7 +83,7 @@ def classify(path: Path) -> Entry | None:
     except FileNotFoundError:
         return None
     name = path.name
-    if name.startswith(".") or name.endswith(IN_PROGRESS_SUFFIXES):
+    if is_upload_in_progress(name):
         return Entry(path, Kind.UPLOADING, st.st_size, st.st_mtime_ns)
     mode = st.st_mode
     regular = stat.S_ISREG(mode)
@@ -84,7 +94,7 @@ def classify(path: Path) -> Entry | None:
         reason = "a directory, not a file: drop .jsonl files directly into incoming/"
     elif not regular:
         reason = "not a regular file (a FIFO, socket or device); it was never opened"
-    elif not name.endswith(".jsonl"):
+    elif not name.endswith(JOB_SUFFIX):
         reason = "not a .jsonl file: only files named *.jsonl are jobs"
     elif not os.access(path, os.R_OK):
         reason = "the daemon cannot read this file: check its permissions"
@@ -155,11 +165,11 @@ class Spool:
     def __init__(self, root: Path, instance: str = "default") -> None:
         self.root = root
         self.instance = instance
-        self.incoming = root / "incoming"
-        self.processing = root / "processing"
-        self.done = root / "done"
-        self.failed = root / "failed"
-        self.heartbeats = root / "heartbeats"
+        self.incoming = root / INCOMING
+        self.processing = root / PROCESSING
+        self.done = root / DONE
+        self.failed = root / FAILED_DIR
+        self.heartbeats = root / HEARTBEATS
 
     def ensure_layout(self) -> None:
         for d in (self.incoming, self.processing, self.done, self.failed, self.heartbeats):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +48,9 @@ class EngineFatal(Exception):
 
 class Engine(ABC):
     model: str
+    # Called after every engine step (the loop that makes progress): the daemon
+    # pings systemd's watchdog from here, so a hung engine is noticed.
+    on_step: Callable[[], None] | None = None
 
     @abstractmethod
     def run(self, requests: Iterator[Request]) -> Iterator[Outcome]:

@@ -98,5 +98,7 @@ class FakeEngine(Engine):
             raise FakeEngineError(f"fake engine failed a batch of {len(batch)} (fail_marker)")
         if self.cfg.delay_per_request_s:
             time.sleep(self.cfg.delay_per_request_s * len(batch))
+        if self.on_step is not None:
+            self.on_step()
         for request in batch:
             yield self._answer(request)

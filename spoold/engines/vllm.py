@@ -128,6 +128,8 @@ class VllmEngine(Engine):
                     step = self.engine.step()
                 except EngineDeadError as e:
                     raise EngineFatal(str(e)) from e
+                if self.on_step is not None:
+                    self.on_step()
                 for out in step:
                     if out.finished:
                         yield self._completion(inflight.pop(out.request_id), out)
