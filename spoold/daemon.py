@@ -306,13 +306,15 @@ class Daemon:
             should_stop=self.stop_requested.is_set,
             on_progress=self._progress,
         )
-        try:
-            runner.run(job_dir)
-        except EngineFatal:
-            raise
-        except Exception:
-            # Never die for one job: its attempt counter ends a job that keeps failing.
-            log.exception("job run failed", job_id=state.id)
+        # Every log line while the job runs carries job_id, the engine's own included.
+        with structlog.contextvars.bound_contextvars(job_id=state.id):
+            try:
+                runner.run(job_dir)
+            except EngineFatal:
+                raise
+            except Exception:
+                # Never die for one job: its attempt counter ends a job that keeps failing.
+                log.exception("job run failed")
 
     def _progress(self, state: JobState, rate: float) -> None:
         """Work moved: heartbeat fields, systemd status and watchdog."""

@@ -1,0 +1,320 @@
+"""The spool must never be the bottleneck, and its cost must not grow with the job.
+
+Fake engine at zero delay, so what is measured is spoold itself. Prints each figure
+with its target and the machine it ran on:
+
+1. overhead: a 200,000-request job through `spoold run --drain` vs a bare Python loop
+   (read, json.loads, build the output line, write, one fsync at the end);
+2. scaling: 10K vs 200K per-request time and peak RSS (and 1M once with --million);
+3. resume: kill -9 at 90% of a 200K job, then time to finish vs the last 10% fresh;
+4. pickup latency: rename into incoming/ → job running, inotify and polling;
+5. spool-status with 10,000 finished jobs.
+
+    .venv/bin/python bench/bench_spool.py [--only overhead,scaling,resume,pickup,status]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+
+
+def machine() -> str:
+    cpu = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{platform.node()}: {cpu}, {os.cpu_count()} cpus, Python {platform.python_version()}"
+
+
+def write_job(path: Path, n: int) -> None:
+    with open(path, "w") as f:
+        for i in range(n):
+            req = {
+                "custom_id": f"req-{i}",
+                "method": "POST",
+                "url": "/v1/chat/completions",
+                "body": {
+                    "model": "any",
+                    "messages": [{"role": "user", "content": f"Tell me a story about {i}."}],
+                    "max_tokens": 32,
+                },
+            }
+            f.write(json.dumps(req) + "\n")
+
+
+def spool_config(tmp: Path, **over: Any) -> Path:
+    cfg: dict[str, Any] = {
+        "spool_dir": str(tmp / "spool"),
+        "watch": {"settle_seconds": 0},
+        "limits": {
+            "max_requests_per_job": 2_000_000,
+            "max_total_queued_requests": 2_000_000,
+            "max_file_bytes": 2_000_000_000,
+        },
+        "logging": {"format": "json"},
+        "engine": {"backend": "fake", "fake": {"batch_size": 256}},
+    }
+    for k, v in over.items():
+        cfg[k] = {**cfg.get(k, {}), **v} if isinstance(v, dict) else v
+    (tmp / "spool" / "incoming").mkdir(parents=True, exist_ok=True)
+    path = tmp / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def drain(cfg: Path) -> tuple[float, int]:
+    """Wall seconds and peak RSS (KiB) of one `spoold run --drain`."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(
+        [PY, "-m", "spoold", "run", "--config", str(cfg), "--drain"],
+        stdout=subprocess.DEVNULL,
+        cwd=ROOT,
+    )
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    elapsed = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"spoold exited {proc.returncode}")
+    return elapsed, usage.ru_maxrss
+
+
+def bare_loop(src: Path, dst: Path) -> float:
+    """The floor: read, parse, build an OpenAI batch output line, write; one fsync."""
+    t0 = time.perf_counter()
+    created = int(time.time())
+    with open(src, "rb") as fin, open(dst, "wb") as fout:
+        for i, raw in enumerate(fin):
+            req = json.loads(raw)
+            body = {
+                "id": f"chatcmpl-{i}",
+                "object": "chat.completion",
+                "created": created,
+                "model": req["body"]["model"],
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": "alpha bravo charlie"},
+                        "logprobs": None,
+                        "finish_reason": "stop",
+                    }
+                ],
+                "usage": {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10},
+            }
+            line = {
+                "id": f"batch_req_{i}",
+                "custom_id": req["custom_id"],
+                "response": {"status_code": 200, "request_id": str(i), "body": body},
+                "error": None,
+            }
+            fout.write(json.dumps(line).encode() + b"\n")
+        fout.flush()
+        os.fsync(fout.fileno())
+    return time.perf_counter() - t0
+
+
+def bench_overhead(n: int = 200_000) -> None:
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        src = tmp / "job.jsonl"
+        write_job(src, n)
+        bare = min(bare_loop(src, tmp / "bare.out") for _ in range(2))
+        cfg = spool_config(tmp)
+        shutil.copy(src, tmp / "spool" / "incoming" / "job.jsonl")
+        spoold_s, rss = drain(cfg)
+    ratio = spoold_s / bare
+    print(
+        f"1. overhead, {n} requests: bare loop {bare:.2f} s, spoold --drain {spoold_s:.2f} s "
+        f"(process start included) → {ratio:.2f}× (target ≤ 1.5×); peak RSS {rss / 1024:.0f} MiB"
+    )
+
+
+def bench_scaling(sizes: tuple[int, ...] = (10_000, 200_000)) -> None:
+    rows = []
+    for n in sizes:
+        with tempfile.TemporaryDirectory() as d:
+            tmp = Path(d)
+            cfg = spool_config(tmp)
+            write_job(tmp / "spool" / "incoming" / "job.jsonl", n)
+            # Start-up (interpreter, imports) is the same for every size: time it alone.
+            empty = spool_config(Path(tempfile.mkdtemp()))
+            startup, _ = drain(empty)
+            shutil.rmtree(empty.parent)
+            secs, rss = drain(cfg)
+        per = (secs - startup) / n * 1e6
+        rows.append((n, secs, per, rss))
+        print(
+            f"2. scaling: {n:>9} requests {secs:7.2f} s, {per:6.2f} µs/request "
+            f"(start-up {startup:.2f} s excluded), peak RSS {rss / 1024:6.1f} MiB"
+        )
+    if len(rows) >= 2:
+        small, big = rows[0], rows[1]
+        print(
+            f"   per-request ratio {big[0]}/{small[0]}: {big[2] / small[2]:.3f} (target ≤ 1.1); "
+            f"RSS growth {(big[3] - small[3]) / 1024:.1f} MiB (target ≤ 20)"
+        )
+
+
+def bench_resume(n: int = 200_000) -> None:
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        cfg = spool_config(tmp, processing={"chunk_size": 5000})
+        spool = tmp / "spool"
+        write_job(spool / "incoming" / "job.jsonl", n)
+        proc = subprocess.Popen(
+            [PY, "-m", "spoold", "run", "--config", str(cfg), "--drain"],
+            stdout=subprocess.DEVNULL,
+            cwd=ROOT,
+        )
+        target = int(n * 0.9)
+        while True:
+            jobs = [p for p in (spool / "processing").iterdir() if not p.name.startswith(".")]
+            if jobs:
+                try:
+                    done = json.loads((jobs[0] / "state.json").read_text())["request_counts"]
+                    if done["completed"] >= target:
+                        break
+                except (OSError, ValueError, KeyError):
+                    pass
+            if proc.poll() is not None:
+                raise SystemExit("finished before the kill; use a bigger job")
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        (job,) = [p for p in (spool / "processing").iterdir() if not p.name.startswith(".")]
+        left = n - json.loads((job / "state.json").read_text())["request_counts"]["completed"]
+        resume_s, _ = drain(cfg)
+        # The same number of requests, fresh.
+        fresh_dir = Path(tempfile.mkdtemp())
+        fresh_cfg = spool_config(fresh_dir, processing={"chunk_size": 5000})
+        write_job(fresh_dir / "spool" / "incoming" / "job.jsonl", left)
+        fresh_s, _ = drain(fresh_cfg)
+        shutil.rmtree(fresh_dir)
+    print(
+        f"3. resume: killed at {n - left}/{n}; resume+finish {resume_s:.2f} s vs the remaining "
+        f"{left} fresh {fresh_s:.2f} s → recovery adds {resume_s - fresh_s:+.2f} s (target < 1 s)"
+    )
+
+
+def bench_pickup(rounds: int = 5) -> None:
+    for polling in (False, True):
+        with tempfile.TemporaryDirectory() as d:
+            tmp = Path(d)
+            settle = 0.5
+            cfg = spool_config(
+                tmp, watch={"settle_seconds": settle, "polling": polling, "rescan_interval_s": 30}
+            )
+            spool = tmp / "spool"
+            proc = subprocess.Popen(
+                [PY, "-m", "spoold", "run", "--config", str(cfg)],
+                stdout=subprocess.DEVNULL,
+                cwd=ROOT,
+            )
+            try:
+                beat = spool / "heartbeats" / "default.json"
+                while not beat.exists():
+                    time.sleep(0.01)
+                time.sleep(0.5)
+                lat = []
+                for r in range(rounds):
+                    src = tmp / f".r{r}.jsonl.tmp"
+                    write_job(src, 10)
+                    t0 = time.perf_counter()
+                    os.rename(src, spool / "incoming" / f"r{r}.jsonl")
+                    while not any(
+                        p.name.startswith(f"r{r}-") for p in (spool / "done").iterdir()
+                    ) and not any(
+                        p.name.startswith(f"r{r}-") for p in (spool / "processing").iterdir()
+                    ):
+                        time.sleep(0.002)
+                    lat.append(time.perf_counter() - t0 - settle)
+                    time.sleep(0.3)
+            finally:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait()
+        mode = "polling" if polling else "inotify"
+        print(
+            f"4. pickup ({mode}): median {statistics.median(lat):.3f} s, max {max(lat):.3f} s "
+            f"after the {settle} s settle time (target ≤ 1 s)"
+        )
+
+
+def bench_status(jobs: int = 10_000) -> None:
+    with tempfile.TemporaryDirectory() as d:
+        spool = Path(d) / "spool"
+        for sub in ("incoming", "processing", "failed", "heartbeats"):
+            (spool / sub).mkdir(parents=True)
+        state = json.loads(
+            json.dumps(
+                {
+                    "id": "x",
+                    "source_name": "x.jsonl",
+                    "status": "completed",
+                    "request_counts": {"total": 10, "completed": 10, "failed": 0},
+                    "error": None,
+                }
+            )
+        )
+        done = spool / "done"
+        done.mkdir()
+        for i in range(jobs):
+            job = done / f"job{i:05d}-20261127T000000-abcdef"
+            job.mkdir()
+            (job / "state.json").write_text(json.dumps({**state, "id": job.name}))
+        for i in range(50):
+            job = spool / "failed" / f"bad{i}"
+            job.mkdir()
+            (job / "state.json").write_text(json.dumps({**state, "status": "failed"}))
+        exe = str(Path(PY).parent / "spool-status")
+        times = []
+        for _ in range(7):
+            t0 = time.perf_counter()
+            subprocess.run([exe, "--spool", str(spool)], capture_output=True, check=False)
+            times.append(time.perf_counter() - t0)
+    print(
+        f"5. spool-status with {jobs} finished jobs: median {statistics.median(times) * 1000:.0f}"
+        f" ms wall, best {min(times) * 1000:.0f} ms (target ≤ 150 ms)"
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--only", default="overhead,scaling,resume,pickup,status")
+    ap.add_argument("--million", action="store_true", help="also run 1M requests (scaling)")
+    args = ap.parse_args()
+    print(machine())
+    only = set(args.only.split(","))
+    if "overhead" in only:
+        bench_overhead()
+    if "scaling" in only:
+        bench_scaling((10_000, 200_000, 1_000_000) if args.million else (10_000, 200_000))
+    if "resume" in only:
+        bench_resume()
+    if "pickup" in only:
+        bench_pickup()
+    if "status" in only:
+        bench_status()
+
+
+if __name__ == "__main__":
+    main()
