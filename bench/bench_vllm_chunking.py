@@ -15,6 +15,7 @@ import json
 import os
 import platform
 import random
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -55,24 +56,19 @@ def make_requests(n: int, seed: int = 0) -> list[dict[str, object]]:
     ]
 
 
-def run_llm_chat(model: Path, requests: list[dict[str, object]], chunk: int) -> dict[str, float]:
+def run_llm_chat(model: Path, requests: list[dict[str, object]], chunk: int) -> tuple[float, int]:
+    """LLM.chat over `chunk` requests at a time (all of them: one call). Generation only."""
     from vllm import LLM, SamplingParams
 
     llm = LLM(model=str(model), **ENGINE_ARGS)
     convs = [r["body"]["messages"] for r in requests]  # type: ignore[index]
     params = [SamplingParams(temperature=0, max_tokens=r["body"]["max_tokens"]) for r in requests]  # type: ignore[index]
-    results = {}
-    for label, size in (("one LLM.chat call", len(requests)), (f"LLM.chat per {chunk}", chunk)):
-        t0 = time.perf_counter()
-        tokens = 0
-        for start in range(0, len(convs), size):
-            outs = llm.chat(
-                convs[start : start + size], params[start : start + size], use_tqdm=False
-            )
-            tokens += sum(len(o.outputs[0].token_ids) for o in outs)
-        elapsed = time.perf_counter() - t0
-        results[label] = (elapsed, tokens)
-    return results  # type: ignore[return-value]
+    t0 = time.perf_counter()
+    tokens = 0
+    for start in range(0, len(convs), chunk):
+        outs = llm.chat(convs[start : start + chunk], params[start : start + chunk], use_tqdm=False)
+        tokens += sum(len(o.outputs[0].token_ids) for o in outs)
+    return time.perf_counter() - t0, tokens
 
 
 def run_spoold(model: Path, requests: list[dict[str, object]], chunk: int) -> tuple[float, int]:
@@ -134,31 +130,67 @@ def run_spoold(model: Path, requests: list[dict[str, object]], chunk: int) -> tu
         return elapsed, tokens
 
 
+def measure(method: str, n: int, chunk: int) -> tuple[float, int]:
+    """Run one method in a fresh process (same engine set-up for all), return (s, tokens)."""
+    proc = subprocess.run(
+        [sys.executable, __file__, "--method", method, "--requests", str(n), "--chunk", str(chunk)],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+    )
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    return result["seconds"], result["tokens"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--requests", type=int, default=2000)
     ap.add_argument("--chunk", type=int, default=500)
+    ap.add_argument("--rounds", type=int, default=3, help="each method this often, interleaved")
+    ap.add_argument("--method", choices=["one-call", "per-chunk", "spoold"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     model = build(default_cache_dir())
     requests = make_requests(args.requests)
-    print(
-        f"machine: {platform.node()} {platform.machine()} {os.cpu_count()} cpus, "
-        f"python {platform.python_version()}"
-    )
+    if args.method:  # a child run: one measurement, printed as JSON
+        if args.method == "spoold":
+            secs, tokens = run_spoold(model, requests, args.chunk)
+        else:
+            size = len(requests) if args.method == "one-call" else args.chunk
+            secs, tokens = run_llm_chat(model, requests, size)
+        print(json.dumps({"seconds": secs, "tokens": tokens}))
+        return
     import vllm
 
     print(
-        f"vllm {vllm.__version__}; {args.requests} chat requests, max_tokens 4..256, "
-        f"chunk {args.chunk}"
+        f"machine: {platform.node()} {platform.machine()} {os.cpu_count()} cpus, "
+        f"python {platform.python_version()}, vllm {vllm.__version__}"
     )
-    rows = run_llm_chat(model, requests, args.chunk)
-    rows["spoold run --drain"] = run_spoold(model, requests, args.chunk)
-    base = rows["one LLM.chat call"]
-    base_rate = base[1] / base[0]
-    print(f"{'method':28} {'seconds':>8} {'tokens':>8} {'tok/s':>8} {'vs one call':>12}")
-    for label, (secs, tokens) in rows.items():
-        rate = tokens / secs
-        print(f"{label:28} {secs:8.1f} {tokens:8d} {rate:8.0f} {rate / base_rate:12.3f}")
+    print(
+        f"{args.requests} chat requests, temperature 0, max_tokens 4..256, chunk {args.chunk}; "
+        f"each method in its own process, {args.rounds} rounds interleaved"
+    )
+    labels = {
+        "one-call": "one LLM.chat call",
+        "per-chunk": f"LLM.chat per {args.chunk}",
+        "spoold": "spoold run --drain",
+    }
+    runs: dict[str, list[tuple[float, int]]] = {m: [] for m in labels}
+    for _ in range(args.rounds):
+        for method in labels:
+            runs[method].append(measure(method, args.requests, args.chunk))
+    # This VM's wall times swing by ±20% between identical runs: compare medians, show all.
+    medians = {m: statistics.median(r[0] for r in rs) for m, rs in runs.items()}
+    tokens = {m: rs[0][1] for m, rs in runs.items()}
+    base_rate = tokens["one-call"] / medians["one-call"]
+    print(f"{'method':24} {'median s':>9} {'tokens':>7} {'tok/s':>7} {'vs one call':>11}  runs (s)")
+    for method, label in labels.items():
+        rate = tokens[method] / medians[method]
+        each = " ".join(f"{r[0]:.1f}" for r in runs[method])
+        print(
+            f"{label:24} {medians[method]:9.1f} {tokens[method]:7d} {rate:7.0f} "
+            f"{rate / base_rate:11.3f}  {each}"
+        )
 
 
 if __name__ == "__main__":

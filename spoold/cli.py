@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from spoold.config import Config, ConfigError, load_config, resolve_config_path
+from spoold.config import Config, ConfigError, load_config, parse_config, resolve_config_path
 
 EXIT_USAGE = 2
 
@@ -16,6 +16,9 @@ def _load(args: argparse.Namespace) -> Config:
     cfg = load_config(resolve_config_path(args.config))
     if getattr(args, "spool", None):
         cfg.spool_dir = Path(args.spool)
+    if getattr(args, "instance", None):
+        cfg.instance = args.instance
+        parse_config({"instance": args.instance}, "--instance")  # same rules as the key
     return cfg
 
 
@@ -26,7 +29,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     cfg = _load(args)
     setup_logging(cfg.logging.format, cfg.logging.level)
-    daemon = Daemon(cfg, lambda model: make_engine(cfg.engine, model))
+    from spoold.gpu import open_nvml
+
+    daemon = Daemon(cfg, lambda model: make_engine(cfg.engine, model), gpu_reader=open_nvml())
     daemon.install_signal_handlers()
     return daemon.run(drain=args.drain)
 
@@ -150,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         "--config", help="config file (default: $SPOOLD_CONFIG or /etc/spoold/spoold.yaml)"
     )
     run.add_argument("--spool", help="spool directory (overrides spool_dir in the config)")
+    run.add_argument("--instance", help="this daemon's name (overrides instance in the config)")
     run.add_argument(
         "--drain",
         action="store_true",

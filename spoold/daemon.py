@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import threading
 import time
@@ -14,14 +15,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import structlog
 
 from spoold.config import Config
 from spoold.engines.base import Engine, EngineFatal
+from spoold.gpu import GpuGuard, GpuReader
 from spoold.heartbeat import Heartbeat
-from spoold.job import INPUT, TERMINAL, JobState
+from spoold.job import INPUT, RUNNING, TERMINAL, JobState
+from spoold.metrics import MetricsWriter
 from spoold.notify import Notifier
+from spoold.runner import DiskFull, Runner
 from spoold.spool import Entry, Kind, QueueLoad, SettleTracker, Spool, count_requests
 from spoold.validate import first_request
 from spoold.watch import Watcher
@@ -40,12 +45,18 @@ class AdmitReport:
     settling: list[Entry] = field(default_factory=list)
 
 
+class _Stopping(Exception):
+    """Asked to stop while waiting to load a model."""
+
+
 class Daemon:
     def __init__(
         self,
         cfg: Config,
         engine_factory: EngineFactory,
         clock: Callable[[], float] = time.monotonic,
+        gpu_reader: GpuReader | None = None,
+        disk_free: Callable[[Path], int] | None = None,
     ) -> None:
         self.cfg = cfg
         self.spool = Spool(cfg.spool_dir, cfg.instance)
@@ -56,7 +67,8 @@ class Daemon:
         self.stop_requested = threading.Event()
         self.wake = threading.Event()  # set by filesystem events and signals
         self.notifier = Notifier()
-        # Without inotify events (--drain) poll briskly; the watcher wakes us otherwise.
+        # Without a watcher (--drain) poll briskly; with one, events wake us and the
+        # full rescan every watch.rescan_interval_s is the safety net.
         self._max_idle_s = 1.0
         self._counts: dict[str, tuple[tuple[int, int], int, int]] = {}
         self._unmovable: set[str] = set()
@@ -64,6 +76,15 @@ class Daemon:
         limits = {k: getattr(cfg.limits, k) for k in vars(cfg.limits)}
         limits["chunk_size"] = cfg.processing.chunk_size
         self.heartbeat = Heartbeat(cfg.heartbeat_path, cfg.heartbeat.interval_s, limits)
+        self.guard = GpuGuard(cfg.gpu, gpu_reader)
+        self.heartbeat.sampler = lambda: {"gpu": self.guard.sample()}
+        self.disk_free = disk_free or (lambda path: shutil.disk_usage(path).free)
+        self.metrics: MetricsWriter | None = None
+        if cfg.metrics.textfile:
+            self.metrics = MetricsWriter(Path(cfg.metrics.textfile), cfg.spool_dir, cfg.instance)
+            self.heartbeat.on_beat = self._write_metrics
+        self.poll_s = 5.0  # how often a throttled daemon looks again
+        self._drain = False
 
     # -- life cycle ---------------------------------------------------------------
 
@@ -101,6 +122,7 @@ class Daemon:
 
     def run(self, drain: bool = False) -> int:
         """recover → (admit → run one job)* until stopped (or drained). The exit code."""
+        self._drain = drain
         self.spool.recover(self.cfg.heartbeat.stale_after_s)
         self.heartbeat.start()
         watcher = None
@@ -109,6 +131,7 @@ class Daemon:
                 [self.spool.incoming, self.spool.processing], self.wake, self.cfg.watch.polling
             )
             watcher.start()
+            self._max_idle_s = self.cfg.watch.rescan_interval_s
         log.info(
             "spoold started", spool=str(self.spool.root), instance=self.cfg.instance, drain=drain
         )
@@ -125,6 +148,9 @@ class Daemon:
                 self._idle(report)
         except EngineFatal as e:
             log.error("the engine died; exiting so the service manager restarts us", error=str(e))
+            code = 1
+        except DiskFull as e:  # only with --drain: the live loop waits for room instead
+            log.error("the spool's disk is full; stopping the drain", error=str(e))
             code = 1
         finally:
             if watcher is not None:
@@ -146,8 +172,7 @@ class Daemon:
         self.notifier.status(f"idle; {waiting} file(s) waiting for room" if waiting else "idle")
         now = self.clock()
         waits = [self.settle.wait_left(e, now) for e in report.settling]
-        # Events wake us early; the rescan interval is the safety net.
-        timeout = min([*waits, self.cfg.watch.rescan_interval_s, self._max_idle_s])
+        timeout = min([*waits, self._max_idle_s])
         self.wake.wait(max(0.05, timeout))
         self.wake.clear()
 
@@ -199,6 +224,11 @@ class Daemon:
                 continue
             if load is None:
                 load = self.spool.queue_load()
+                disk = self._disk_problem()
+                if disk:
+                    report.waiting.extend(e.name for e in entries if e.kind is Kind.JOB)
+                    self.heartbeat.set(reason=disk)
+                    break
             if load.jobs >= limits.max_queue_depth or (
                 load.jobs > 0 and load.requests + total > limits.max_total_queued_requests
             ):
@@ -246,11 +276,60 @@ class Daemon:
         if job_id is not None:
             log.warning("rejected", job_id=job_id, source=entry.name, reason=reason)
 
+    def _write_metrics(self, beat: dict[str, Any]) -> None:
+        assert self.metrics is not None
+        try:
+            self.metrics.write(beat)
+        except OSError as e:  # a metrics file is never a reason to stop working
+            log.warning("cannot write metrics.textfile", path=str(self.metrics.path), error=str(e))
+
+    # -- protection (GPU, disk) -----------------------------------------------------
+
+    def _disk_problem(self) -> str | None:
+        need_mb = self.cfg.limits.min_free_disk_mb
+        if need_mb <= 0:
+            return None
+        free_mb = self.disk_free(self.spool.root) // (1 << 20)
+        if free_mb >= need_mb:
+            return None
+        return f"{free_mb} MB free on the spool's filesystem < limits.min_free_disk_mb {need_mb}"
+
+    def gate(self) -> bool:
+        """Wait while a GPU is too hot or full, or the disk too full. False if stopping."""
+        throttled = False
+        while not self.stop_requested.is_set():
+            reasons = [
+                r
+                for r in (
+                    self.guard.reason if not self.guard.check() else None,
+                    self._disk_problem(),
+                )
+                if r
+            ]
+            if not reasons:
+                if throttled:
+                    log.info("throttling over")
+                    self.heartbeat.set(status="processing", reason=None)
+                return True
+            reason = "; ".join(reasons)
+            if not throttled:
+                log.warning("throttled", reason=reason)
+                throttled = True
+            self.heartbeat.set(status="throttled", reason=reason)
+            self.notifier.status(f"throttled: {reason}")
+            self.notifier.watchdog()  # alive, waiting on purpose
+            self.wake.wait(self.poll_s)
+            self.wake.clear()
+        return False
+
     # -- running --------------------------------------------------------------------
 
     def run_next_job(self) -> bool:
         """Run the oldest job we can own, preferring the loaded model's. False if none."""
         jobs = [(d, st) for d, st in self.spool.active_jobs() if st.status not in TERMINAL]
+        if self.metrics is not None:
+            self.metrics.running = sum(st.status == RUNNING for _, st in jobs)
+            self.metrics.queued = len(jobs) - self.metrics.running
         self._job_models = {
             st.id: self._job_models.get(st.id) or self._model_of(d, st) for d, st in jobs
         }
@@ -281,6 +360,8 @@ class Daemon:
             self.engine.close()
             self.engine = None
         if self.engine is None:
+            if not self.gate():  # SPEC §7: no model load onto a hot or full GPU
+                raise _Stopping
             self.heartbeat.set(status="loading_model", model=model)
             self.notifier.status(f"loading model {model}")
             try:
@@ -294,17 +375,20 @@ class Daemon:
         return self.engine
 
     def _run_job(self, job_dir: Path, state: JobState, model: str) -> None:
-        from spoold.runner import Runner
 
-        engine = self._engine_for(model)
+        try:
+            engine = self._engine_for(model)
+        except _Stopping:
+            return
         self.heartbeat.set(status="processing")
-        self._progress(state, 0.0)
+        self._progress(state, 0, 0.0)
         runner = Runner(
             self.spool,
             self.cfg,
             engine,
             should_stop=self.stop_requested.is_set,
             on_progress=self._progress,
+            gate=self.gate,
         )
         # Every log line while the job runs carries job_id, the engine's own included.
         with structlog.contextvars.bound_contextvars(job_id=state.id):
@@ -312,14 +396,24 @@ class Daemon:
                 runner.run(job_dir)
             except EngineFatal:
                 raise
+            except DiskFull as e:
+                if self._drain:
+                    raise
+                reason = f"disk full: {e}"
+                self.heartbeat.set(status="throttled", reason=reason)
+                self.notifier.status(reason)
+                self.wake.wait(self.poll_s)
+                self.wake.clear()
             except Exception:
                 # Never die for one job: its attempt counter ends a job that keeps failing.
                 log.exception("job run failed")
 
-    def _progress(self, state: JobState, rate: float) -> None:
-        """Work moved: heartbeat fields, systemd status and watchdog."""
+    def _progress(self, state: JobState, tokens: int, rate: float) -> None:
+        """Work moved: heartbeat fields, metrics, systemd status and watchdog."""
         c = state.request_counts
         done = c.completed + c.failed
+        if self.metrics is not None:
+            self.metrics.job_progress(state.id, c.completed, c.failed, tokens)
         self.heartbeat.progress(
             {"id": state.id, "completed": done, "total": c.total, "tokens_per_s": round(rate, 1)}
         )

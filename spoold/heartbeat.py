@@ -82,7 +82,10 @@ class Heartbeat:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.extra: Callable[[], dict[str, Any]] | None = None
+        # Fresh fields at every beat (GPU readings), read in the heartbeat's thread.
+        self.sampler: Callable[[], dict[str, Any]] | None = None
+        # Called with each snapshot once written (the metrics text file).
+        self.on_beat: Callable[[dict[str, Any]], None] | None = None
 
     def set(self, **fields: Any) -> None:
         with self._lock:
@@ -92,10 +95,14 @@ class Heartbeat:
         self.set(current_job=current_job, last_progress_at=utcnow())
 
     def write(self) -> None:
+        if self.sampler is not None:
+            self.set(**self.sampler())
         with self._lock:
             self._fields["updated_at"] = utcnow()
             snapshot = dict(self._fields)
         fsio.atomic_write_json(self.path, snapshot)
+        if self.on_beat is not None:
+            self.on_beat(snapshot)
 
     def start(self) -> None:
         self.write()

@@ -56,6 +56,9 @@ class Checkpoint:
     done_lines: list[int] = field(default_factory=list)
     output_bytes: int = 0
     errors_bytes: int = 0
+    # request_counts as of this checkpoint: a resumed run starts from these.
+    completed: int = 0
+    failed: int = 0
 
 
 @dataclass

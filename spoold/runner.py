@@ -6,6 +6,8 @@ state.json with the checkpoint. Anything after the checkpoint is redone on resum
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -46,7 +48,11 @@ from spoold.validate import (
 
 log = structlog.get_logger("spoold.runner")
 
-ProgressFn = Callable[[JobState, float], None]
+ProgressFn = Callable[[JobState, int, float], None]  # (state, tokens this run, tokens/s)
+
+
+class DiskFull(Exception):
+    """The spool's filesystem is full; the job is intact and waits for room."""
 
 
 class JobFailed(Exception):
@@ -76,12 +82,16 @@ class Runner:
         engine: Engine,
         should_stop: Callable[[], bool] = lambda: False,
         on_progress: ProgressFn | None = None,
+        gate: Callable[[], bool] | None = None,
     ) -> None:
         self.spool = spool
         self.cfg = cfg
         self.engine = engine
         self.should_stop = should_stop
         self.on_progress = on_progress
+        # Called before each chunk is handed to the engine; blocks while the GPU is
+        # too hot or the disk too full, and says False if we must stop meanwhile.
+        self.gate = gate
 
     # -- the job -------------------------------------------------------------------
 
@@ -106,12 +116,24 @@ class Runner:
         try:
             if not state.checkpoint.validated:
                 self._validate(job_dir, state)
+            if self.spool.cancel_requested(job_dir):
+                return self._finish(job_dir, state, CANCELLED, jlog)
+            run = self._execute(job_dir, state)
         except JobFailed as e:
             state.error = str(e)
             return self._finish(job_dir, state, FAILED, jlog)
-        if self.spool.cancel_requested(job_dir):
-            return self._finish(job_dir, state, CANCELLED, jlog)
-        run = self._execute(job_dir, state)
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            # Disk full: nothing past the checkpoint counts, so the chunk (or the
+            # validation) is redone once there is room. Not the job's fault: the
+            # attempt is given back.
+            jlog.error("disk full; the job will resume from its checkpoint", error=str(e))
+            state.transition(QUEUED)
+            state.attempts = max(0, state.attempts - 1)
+            with contextlib.suppress(OSError):
+                save_state(job_dir, state)
+            raise DiskFull(str(e)) from e
         if run.halt == "lost":
             jlog.warning("another daemon took this job over; stopped without committing")
             return RUNNING
@@ -181,7 +203,9 @@ class Runner:
                 )
                 raise JobFailed(f"{state.source_name}: no valid request ({why}); see errors.jsonl")
             state.rejected_lines = rejected
-            state.checkpoint = Checkpoint(validated=True, errors_bytes=errors.size)
+            state.checkpoint = Checkpoint(
+                validated=True, errors_bytes=errors.size, failed=counts.failed
+            )
         save_state(job_dir, state)
 
     def _check_model(self, request: Request, job_model: str) -> Request | LineError:
@@ -202,8 +226,11 @@ class Runner:
 
     def _execute(self, job_dir: Path, state: JobState) -> _Run:
         ck = state.checkpoint
+        # What was counted after the checkpoint is being redone: count from it.
+        state.request_counts.completed, state.request_counts.failed = ck.completed, ck.failed
         run = _Run(next_line=ck.next_line, next_offset=ck.input_offset, done=set(ck.done_lines))
         skip = set(state.rejected_lines) | run.done
+        chunk_size = self.cfg.processing.chunk_size
         with (
             AppendLog(job_dir / OUTPUT, ck.output_bytes) as out,
             AppendLog(job_dir / ERRORS, ck.errors_bytes) as err,
@@ -212,8 +239,13 @@ class Runner:
 
             def feed() -> Iterator[Request]:
                 cap = self.cfg.limits.max_line_bytes
+                gate = self.gate
+                handed = 0
                 for line_no, end, raw in iter_lines(f, run.next_offset, run.next_line, cap):
                     if run.halt is None and self.should_stop():
+                        run.halt = "stop"
+                    at_chunk_start = handed % chunk_size == 0
+                    if run.halt is None and gate is not None and at_chunk_start and not gate():
                         run.halt = "stop"
                     if run.halt is not None:
                         return
@@ -224,6 +256,7 @@ class Runner:
                     parsed = parse_line(raw, line_no)
                     if isinstance(parsed, Request):
                         run.pending[line_no] = (start, parsed)
+                        handed += 1
                         yield parsed
 
             def record(outcome: Outcome) -> None:
@@ -306,6 +339,8 @@ class Runner:
             done_lines=sorted(run.done),
             output_bytes=out.size,
             errors_bytes=err.size,
+            completed=state.request_counts.completed,
+            failed=state.request_counts.failed,
         )
         state.attempts = 0
         save_state(job_dir, state)
@@ -320,4 +355,4 @@ class Runner:
         assert self.on_progress is not None
         now = time.monotonic()
         run.next_report = now + 1.0
-        self.on_progress(state, run.tokens / max(now - run.started, 1e-9))
+        self.on_progress(state, run.tokens, run.tokens / max(now - run.started, 1e-9))

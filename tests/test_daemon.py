@@ -201,6 +201,14 @@ def test_stop_timeout_abandons_a_slow_chunk(tmp_path: Path, daemons: list[Daemon
     d = start(daemons, cfg)
     wait_for(lambda: job_dirs(spool, "processing"), what="the claim")
     time.sleep(0.5)  # inside the first 10 s engine batch
+    beat_path = spool / "heartbeats" / "default.json"
+    first = json.loads(beat_path.read_text())
+    time.sleep(1.2)
+    second = json.loads(beat_path.read_text())
+    # The heartbeat keeps ticking while the engine is busy; progress does not move.
+    assert second["updated_at"] > first["updated_at"]
+    assert second["status"] == "processing"
+    assert second["last_progress_at"] == first["last_progress_at"]
     t0 = time.monotonic()
     assert d.terminate(timeout=20) == 0
     assert time.monotonic() - t0 < 8

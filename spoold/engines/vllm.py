@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import gc
 import itertools
+import json
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -26,6 +27,8 @@ from spoold.engines.base import Choice, Completion, Engine, EngineFatal, Failure
 from spoold.validate import Request
 
 log = structlog.get_logger("spoold.engines.vllm")
+
+_CACHE_SIZE = 4096  # distinct sampling-field sets remembered per engine
 
 # Fields spoold checks itself and that vLLM's request classes must not see.
 _SPOOLD_ONLY = {"metadata", "store", "service_tier"}
@@ -56,45 +59,67 @@ class VllmEngine(Engine):
         # waiting queue, so finished sequences are replaced at the next step.
         self.window = max(2 * int(max_seqs), 64)
         self._ids = itertools.count()
+        self._api_requests: dict[tuple[str, str], Any] = {}
+        self._params: dict[tuple[str, str, int], Any] = {}
 
     # -- requests → vLLM ---------------------------------------------------------
 
     def _prepare(self, req: Request) -> tuple[Any, Any]:
         """(engine input, SamplingParams) exactly as `vllm serve` builds them."""
-        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
-        from vllm.entrypoints.openai.completion.protocol import CompletionRequest
         from vllm.entrypoints.serve.utils.api_utils import get_max_tokens
         from vllm.renderers.inputs.preprocess import extract_prompt_len
-        from vllm.sampling_params import RequestOutputKind
 
         body = {k: v for k, v in req.body.items() if k not in _SPOOLD_ONLY}
         body["model"] = self.model
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            if req.is_chat:
-                api_req: Any = ChatCompletionRequest.model_validate(body)
-                engine_input = self.llm._preprocess_chat_one(body["messages"])
-                requested = (
-                    api_req.max_completion_tokens
-                    if api_req.max_completion_tokens is not None
-                    else api_req.max_tokens
-                )
-            else:
-                api_req = CompletionRequest.model_validate(body)
-                prompt = body["prompt"]
-                engine_input = self.llm._preprocess_cmpl_one(
-                    prompt[0] if isinstance(prompt, list) else prompt
-                )
-                requested = api_req.max_tokens
+        shape = "messages" if req.is_chat else "prompt"
+        # The sampling fields don't depend on the prompt, and most requests of a job
+        # share them: validate each distinct set once (vLLM copies params per request).
+        signature = json.dumps({k: v for k, v in body.items() if k != shape}, sort_keys=True)
+        api_req = self._api_requests.get((req.url, signature))
+        if api_req is None:
+            api_req = self._validate(req, body)
+            if len(self._api_requests) >= _CACHE_SIZE:
+                self._api_requests.clear()
+                self._params.clear()
+            self._api_requests[(req.url, signature)] = api_req
+        if req.is_chat:
+            engine_input = self.llm._preprocess_chat_one(body["messages"])
+            requested = (
+                api_req.max_completion_tokens
+                if api_req.max_completion_tokens is not None
+                else api_req.max_tokens
+            )
+        else:
+            prompt = body["prompt"]
+            engine_input = self.llm._preprocess_cmpl_one(
+                prompt[0] if isinstance(prompt, list) else prompt
+            )
+            requested = api_req.max_tokens
         max_tokens = get_max_tokens(
             self.model_config.max_model_len,
             requested,
             extract_prompt_len(self.model_config, engine_input),
             self.defaults,
         )
-        params = api_req.to_sampling_params(max_tokens, self.defaults)
-        params.output_kind = RequestOutputKind.FINAL_ONLY
+        params = self._params.get((req.url, signature, max_tokens))
+        if params is None:
+            from vllm.sampling_params import RequestOutputKind
+
+            params = api_req.to_sampling_params(max_tokens, self.defaults)
+            params.output_kind = RequestOutputKind.FINAL_ONLY
+            self._params[(req.url, signature, max_tokens)] = params
         return engine_input, params
+
+    @staticmethod
+    def _validate(req: Request, body: dict[str, Any]) -> Any:
+        """vLLM's own OpenAI request class for the body (raises for what it refuses)."""
+        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+        from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            model = ChatCompletionRequest if req.is_chat else CompletionRequest
+            return model.model_validate(body)
 
     # -- the loop ----------------------------------------------------------------
 
