@@ -188,7 +188,12 @@ def bench_resume(n: int = 200_000) -> None:
         )
         target = int(n * 0.9)
         while True:
-            jobs = [p for p in (spool / "processing").iterdir() if not p.name.startswith(".")]
+            processing = spool / "processing"
+            jobs = (
+                [p for p in processing.iterdir() if not p.name.startswith(".")]
+                if (processing.is_dir())
+                else []
+            )
             if jobs:
                 try:
                     done = json.loads((jobs[0] / "state.json").read_text())["request_counts"]

@@ -11,16 +11,18 @@ from spoold.engines.base import Completion
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(", ", ": ")).encode
 
 
-def _hex(*parts: object) -> str:
-    return hashlib.blake2b("\0".join(map(str, parts)).encode(), digest_size=12).hexdigest()
+def _ids(job_id: str, line: int) -> tuple[str, str, str]:
+    """(batch id, request id, body id) of one line: stable, so a line redone after a
+    crash gets the same ids. One hash, cut in three."""
+    h = hashlib.blake2b(f"{job_id}\0{line}".encode(), digest_size=36).hexdigest()
+    return h[:24], h[24:48], h[48:]
 
 
 def batch_request_id(job_id: str, line: int) -> str:
-    """Stable per request: a line redone after a crash gets the same id."""
-    return f"batch_req_{_hex(job_id, line)}"
+    return f"batch_req_{_ids(job_id, line)[0]}"
 
 
-def response_body(c: Completion, created: int) -> dict[str, Any]:
+def response_body(c: Completion, created: int, body_id: str) -> dict[str, Any]:
     """The body `vllm serve` (and OpenAI) would answer for this request."""
     req = c.request
     model = req.body.get("model") or c.model
@@ -47,7 +49,7 @@ def response_body(c: Completion, created: int) -> dict[str, Any]:
         ]
         obj, prefix = "text_completion", "cmpl-"
     body: dict[str, Any] = {
-        "id": prefix + _hex("body", req.custom_id, req.line),
+        "id": prefix + body_id,
         "object": obj,
         "created": created,
         "model": model,
@@ -63,14 +65,14 @@ def response_body(c: Completion, created: int) -> dict[str, Any]:
 
 
 def output_line(job_id: str, c: Completion, created: int) -> bytes:
-    line = c.request.line
+    batch_id, request_id, body_id = _ids(job_id, c.request.line)
     record = {
-        "id": batch_request_id(job_id, line),
+        "id": f"batch_req_{batch_id}",
         "custom_id": c.request.custom_id,
         "response": {
             "status_code": 200,
-            "request_id": _hex("request", job_id, line),
-            "body": response_body(c, created),
+            "request_id": request_id,
+            "body": response_body(c, created, body_id),
         },
         "error": None,
     }
@@ -86,15 +88,16 @@ def error_line(
     status: int | None = None,
 ) -> bytes:
     """An errors.jsonl line; `status` set when the request reached an HTTP-like stage."""
+    batch_id, request_id, _ = _ids(job_id, line)
     response = None
     if status is not None:
         response = {
             "status_code": status,
-            "request_id": _hex("request", job_id, line),
+            "request_id": request_id,
             "body": {"error": {"message": message, "type": code, "param": None, "code": code}},
         }
     record = {
-        "id": batch_request_id(job_id, line),
+        "id": f"batch_req_{batch_id}",
         "custom_id": custom_id,
         "response": response,
         "error": {"code": code, "message": message},

@@ -81,8 +81,7 @@ class JobState:
     error: str | None = None
     attempts: int = 0
     checkpoint: Checkpoint = field(default_factory=Checkpoint)
-    # Lines that parse as requests but were rejected at validation (a duplicate
-    # custom_id, another model): the run skips them.
+    # Lines validation rejected (they are in errors.jsonl): the run skips them.
     rejected_lines: list[int] = field(default_factory=list)
     file_bytes: int = 0
     requests_in_file: int = 0

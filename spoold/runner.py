@@ -36,13 +36,12 @@ from spoold.job import (
 )
 from spoold.spool import Spool
 from spoold.validate import (
-    DUPLICATE,
     MODEL_MISMATCH,
     LineError,
     NotUtf8Error,
     Request,
     iter_lines,
-    parse_line,
+    read_request,
     scan_file,
 )
 
@@ -180,8 +179,7 @@ class Runner:
                         item = self._check_model(item, model)
                     if isinstance(item, LineError):
                         counts.failed += 1
-                        if item.code in (DUPLICATE, MODEL_MISMATCH):
-                            rejected.append(item.line)
+                        rejected.append(item.line)
                         errors.append(
                             formats.error_line(
                                 state.id, item.line, item.custom_id, item.code, item.message
@@ -253,8 +251,8 @@ class Runner:
                     run.next_line, run.next_offset = line_no + 1, end
                     if line_no in skip or raw is None:
                         continue
-                    parsed = parse_line(raw, line_no)
-                    if isinstance(parsed, Request):
+                    parsed = read_request(raw, line_no)
+                    if parsed is not None:
                         run.pending[line_no] = (start, parsed)
                         handed += 1
                         yield parsed

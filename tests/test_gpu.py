@@ -158,12 +158,13 @@ def test_enospc_mid_job_never_corrupts_it(tmp_path: Path) -> None:
     and once there is room the job resumes from its checkpoint (C6/C7)."""
     mnt = tmp_path / "small"
     mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(mnt)]).returncode:
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mnt)]).returncode:
         pytest.skip("cannot mount a tmpfs here")
     try:
         cfg = make_config(mnt, processing={"chunk_size": 40})
-        ids = [f"r{i}" for i in range(400)]
+        ids = [f"r{i}" for i in range(1000)]
         write_jsonl(mnt / "spool" / "incoming" / "big.jsonl", [chat(i) for i in ids])
+        # Input ~170 KB, output ~500 KB: the 512 KB filesystem fills up mid-job.
         first = run_spoold("run", "--config", str(cfg), "--drain")
         assert first.returncode == 1, first.stdout[-2000:]
         assert "disk" in first.stdout
@@ -174,12 +175,12 @@ def test_enospc_mid_job_never_corrupts_it(tmp_path: Path) -> None:
         assert st["status"] in ("queued", "running")
         ck = st["checkpoint"]
         assert (job / "output.jsonl").stat().st_size >= ck["output_bytes"]
-        assert ck["completed"] < 400, "the disk filled up before the job could finish"
+        assert ck["completed"] < 1000, "the disk filled up before the job could finish"
         subprocess.run(["mount", "-o", "remount,size=4m", str(mnt)], check=True)
         run_spoold("run", "--config", str(cfg), "--drain", check=True)
         (done,) = job_dirs(mnt / "spool", "done")
         assert_exactly_once(done, ids)
-        assert state(done)["request_counts"] == {"total": 400, "completed": 400, "failed": 0}
+        assert state(done)["request_counts"] == {"total": 1000, "completed": 1000, "failed": 0}
     finally:
         subprocess.run(["umount", "-l", str(mnt)])
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
+import zlib
 from collections.abc import Iterator
 
 from spoold.config import FakeEngineConfig
@@ -40,20 +40,22 @@ _WORDS = (
     "zulu",
 )
 
+# A fixed pseudo-random stream of words: an answer is a slice of it (cheap, repeatable).
+_STREAM = tuple(_WORDS[(i * 7919 + i // 26) % len(_WORDS)] for i in range(8192))
+
 
 class FakeEngineError(RuntimeError):
     """Raised for a whole batch, the way vLLM fails a batch for one bad prompt."""
 
 
-def fake_answer(request: Request, index: int = 0) -> tuple[str, str, int]:
+def fake_answer(request: Request, text: str, index: int = 0) -> tuple[str, str, int]:
     """(text, finish_reason, completion_tokens) that depend only on the request."""
-    digest = hashlib.blake2b(
-        f"{request.url}\0{request.text()}\0{index}".encode(), digest_size=8
-    ).digest()
-    natural = 3 + digest[0] % 30
+    seed = zlib.crc32(f"{request.url}\0{text}\0{index}".encode())
+    natural = 3 + seed % 30
     limit = request.body.get("max_completion_tokens") or request.body.get("max_tokens")
     count = min(natural, limit) if limit else natural
-    words = [_WORDS[b % len(_WORDS)] for b in (digest * 5)[:count]]
+    start = seed % (len(_STREAM) - 256)
+    words = _STREAM[start : start + count]
     finish = "length" if limit is not None and natural > limit else "stop"
     return " ".join(words), finish, count
 
@@ -63,19 +65,19 @@ class FakeEngine(Engine):
         self.model = model
         self.cfg = cfg
 
-    def _answer(self, request: Request) -> Completion:
+    def _answer(self, request: Request, text: str) -> Completion:
         n = request.body.get("n") or 1
         choices = []
         completion_tokens = 0
         for i in range(n):
-            text, finish, count = fake_answer(request, i)
-            choices.append(Choice(text=text, finish_reason=finish))
+            answer, finish, count = fake_answer(request, text, i)
+            choices.append(Choice(text=answer, finish_reason=finish))
             completion_tokens += count
         return Completion(
             request=request,
             model=self.model,
             choices=choices,
-            prompt_tokens=len(request.text().split()) + 1,
+            prompt_tokens=len(text.split()) + 1,
             completion_tokens=completion_tokens,
         )
 
@@ -100,5 +102,5 @@ class FakeEngine(Engine):
             time.sleep(self.cfg.delay_per_request_s * len(batch))
         if self.on_step is not None:
             self.on_step()
-        for request in batch:
-            yield self._answer(request)
+        for request, text in zip(batch, texts, strict=True):
+            yield self._answer(request, text)
