@@ -199,10 +199,13 @@ def test_stop_timeout_abandons_a_slow_chunk(tmp_path: Path, daemons: list[Daemon
     ids = [f"r{i}" for i in range(400)]
     write_jsonl(spool / "incoming" / "slow.jsonl", [chat(i) for i in ids])
     d = start(daemons, cfg)
-    wait_for(lambda: job_dirs(spool, "processing"), what="the claim")
-    time.sleep(0.5)  # inside the first 10 s engine batch
     beat_path = spool / "heartbeats" / "default.json"
-    first = json.loads(beat_path.read_text())
+
+    def busy() -> dict[str, Any] | None:
+        beat = json.loads(beat_path.read_text())
+        return beat if beat["status"] == "processing" and beat["current_job"] else None
+
+    first = wait_for(busy, what="the job to be inside its first 10 s engine batch")
     time.sleep(1.2)
     second = json.loads(beat_path.read_text())
     # The heartbeat keeps ticking while the engine is busy; progress does not move.
