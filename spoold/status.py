@@ -19,7 +19,7 @@ from typing import Any
 from spoold.config import Config, ConfigError, load_config, resolve_config_path
 from spoold.heartbeat import parse_time, read_heartbeat
 from spoold.job import ACTIVE, RUNNING, STATE
-from spoold.layout import JOB_SUFFIX, is_upload_in_progress
+from spoold.layout import JOB_SUFFIX, find_job_dir, is_upload_in_progress
 
 HEALTHY, DEGRADED, DOWN, UNKNOWN = 0, 1, 2, 3
 HEALTH_WORDS = {HEALTHY: "healthy", DEGRADED: "degraded", DOWN: "down", UNKNOWN: "no daemon"}
@@ -187,13 +187,10 @@ def build_report(spool: Path, stale_after_s: float, now: float | None = None) ->
 
 
 def find_job(spool: Path, job_id: str) -> tuple[str, dict[str, Any]] | None:
-    if "/" in job_id or job_id.startswith("."):
-        return None
-    for where in ("processing", "done", "failed"):
-        state = _read_state(spool / where / job_id)
-        if state is not None:
-            return where, state
-    return None
+    """(processing|done|failed, state.json) of one job, or None."""
+    job_dir = find_job_dir(spool, job_id)
+    state = _read_state(job_dir) if job_dir is not None else None
+    return (job_dir.parent.name, state) if job_dir is not None and state is not None else None
 
 
 # -- rendering ---------------------------------------------------------------------

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from spoold import fsio
 from spoold.job import ERRORS, INPUT
+from spoold.layout import find_job_dir
 from spoold.spool import Spool
 from spoold.validate import Request, scan_file
 
@@ -53,12 +54,12 @@ def submit_file(spool: Spool, path: Path) -> str:
 
 def find_job(spool: Spool, job_id: str) -> Path:
     """The directory of a job, wherever it is. Raises SubmitError if there is none."""
-    if "/" in job_id or job_id.startswith("."):
-        raise SubmitError(f"{job_id!r} is not a job id")
-    for base in (spool.processing, spool.done, spool.failed):
-        if (base / job_id).is_dir():
-            return base / job_id
-    raise SubmitError(f"no job {job_id!r} in {spool.root} (looked in processing/, done/, failed/)")
+    found = find_job_dir(spool.root, job_id)
+    if found is None:
+        raise SubmitError(
+            f"no job {job_id!r} in {spool.root} (looked in processing/, done/, failed/)"
+        )
+    return found
 
 
 def retry_job(spool: Spool, job_id: str, max_line_bytes: int) -> tuple[str, int]:
