@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from typing import Any
 
-from spoold.engines.base import Completion
+import orjson
 
-_dumps = json.JSONEncoder(ensure_ascii=False, separators=(", ", ": ")).encode
+from spoold.engines.base import Completion
 
 
 def _ids(job_id: str, line: int) -> tuple[str, str, str]:
@@ -76,7 +75,7 @@ def output_line(job_id: str, c: Completion, created: int) -> bytes:
         },
         "error": None,
     }
-    return _dumps(record).encode() + b"\n"
+    return orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE)
 
 
 def error_line(
@@ -102,4 +101,4 @@ def error_line(
         "response": response,
         "error": {"code": code, "message": message},
     }
-    return _dumps(record).encode() + b"\n"
+    return orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE)

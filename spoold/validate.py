@@ -7,6 +7,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
+import orjson
+
 CHAT_URL = "/v1/chat/completions"
 COMPLETIONS_URL = "/v1/completions"
 SUPPORTED_URLS = (CHAT_URL, COMPLETIONS_URL)
@@ -166,7 +168,7 @@ def read_request(raw: bytes, line: int) -> Request | None:
         text = text[1:]
     if not text.strip():
         return None
-    obj = json.loads(text)
+    obj = orjson.loads(text)
     return Request(line=line, custom_id=obj["custom_id"], url=obj["url"], body=obj["body"])
 
 
@@ -182,7 +184,7 @@ def parse_line(raw: bytes, line: int) -> Request | LineError | None:
     if not text:
         return None
     try:
-        obj = json.loads(text)
+        obj = orjson.loads(text)
     except ValueError as e:
         return LineError(line, None, "invalid_json", f"line {line}: not valid JSON ({e})")
     if not isinstance(obj, dict):
