@@ -36,6 +36,7 @@ from spoold.job import (
 )
 from spoold.spool import Spool
 from spoold.validate import (
+    DUPLICATE,
     MODEL_MISMATCH,
     LineError,
     NotUtf8Error,
@@ -168,13 +169,17 @@ class Runner:
 
     def _validate(self, job_dir: Path, state: JobState) -> None:
         counts = state.request_counts
+        expected = counts.total
         counts.total = counts.failed = counts.completed = 0
         rejected: list[int] = []
         model = self.engine.model
         with AppendLog(job_dir / ERRORS, 0) as errors, open(job_dir / INPUT, "rb") as f:
             try:
-                for item in scan_file(f, self.cfg.limits.max_line_bytes):
-                    counts.total += 1
+                for item in scan_file(f, self.cfg.limits.max_line_bytes, job_dir, expected):
+                    if isinstance(item, LineError) and item.code == DUPLICATE:
+                        pass  # replaces a line already counted as a request
+                    else:
+                        counts.total += 1
                     if isinstance(item, Request):
                         item = self._check_model(item, model)
                     if isinstance(item, LineError):

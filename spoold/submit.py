@@ -86,7 +86,9 @@ def retry_job(spool: Spool, job_id: str, max_line_bytes: int) -> tuple[str, int]
         nonlocal count
         with open(job_dir / INPUT, "rb") as f:
             for item in scan_file(f, max_line_bytes):
+                # First occurrence only: a repeated custom_id was never run.
                 if isinstance(item, Request) and item.custom_id in wanted:
+                    wanted.discard(item.custom_id)
                     count += 1
                     record = {
                         "custom_id": item.custom_id,

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, BinaryIO
 
 import orjson
+
+from spoold.unique import IN_MEMORY, UniqueIds
 
 CHAT_URL = "/v1/chat/completions"
 COMPLETIONS_URL = "/v1/completions"
@@ -248,33 +253,41 @@ def iter_lines(
         line_no += 1
 
 
-def scan_file(f: BinaryIO, max_line_bytes: int) -> Iterator[Request | LineError]:
+def scan_file(
+    f: BinaryIO, max_line_bytes: int, spill_dir: Path | None = None, expected: int = 0
+) -> Iterator[Request | LineError]:
     """Check every line of an input file, streamed: what admission and validation see.
 
-    Duplicate custom_ids are caught here (the set of ids is the only per-request
-    memory). Raises NotUtf8Error for a file that is not UTF-8 text.
+    Yields one item per non-blank line, in order; then, for every valid line whose
+    custom_id appeared on an earlier line, a `duplicate_custom_id` LineError that
+    *replaces* the Request already yielded for that line. Memory stays bounded
+    (`unique.UniqueIds`: past `expected` ids it spills to `spill_dir`). Raises
+    NotUtf8Error for a file that is not UTF-8 text.
     """
-    seen: dict[str, int] = {}
-    for line_no, _, raw in iter_lines(f, 0, 1, max_line_bytes):
-        if raw is None:
-            yield LineError(
-                line_no,
-                None,
-                "line_too_long",
-                f"line {line_no}: longer than {max_line_bytes} bytes (limits.max_line_bytes)",
-            )
-            continue
-        try:
-            parsed = parse_line(raw, line_no)
-        except UnicodeDecodeError as e:
-            raise NotUtf8Error(line_no, e.start) from None
-        if parsed is None:
-            continue
-        if parsed.custom_id is not None:
-            first = seen.setdefault(parsed.custom_id, line_no)
-            if first != line_no and isinstance(parsed, Request):
-                parsed = duplicate_error(line_no, parsed.custom_id, first)
-        yield parsed
+    with contextlib.ExitStack() as stack:
+        if spill_dir is None and expected > IN_MEMORY:
+            spill_dir = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        ids = stack.enter_context(UniqueIds(expected, spill_dir))
+        for line_no, _, raw in iter_lines(f, 0, 1, max_line_bytes):
+            if raw is None:
+                yield LineError(
+                    line_no,
+                    None,
+                    "line_too_long",
+                    f"line {line_no}: longer than {max_line_bytes} bytes (limits.max_line_bytes)",
+                )
+                continue
+            try:
+                parsed = parse_line(raw, line_no)
+            except UnicodeDecodeError as e:
+                raise NotUtf8Error(line_no, e.start) from None
+            if parsed is None:
+                continue
+            if parsed.custom_id is not None:
+                ids.add(line_no, parsed.custom_id, isinstance(parsed, Request))
+            yield parsed
+        for line, custom_id, first in ids.duplicates():
+            yield duplicate_error(line, custom_id, first)
 
 
 def first_request(f: BinaryIO, max_line_bytes: int, max_lines: int = 1000) -> Request | None:

@@ -1,9 +1,11 @@
 import io
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from spoold import unique
 from spoold.validate import LineError, NotUtf8Error, Request, parse_line, scan_file
 from tests.helpers import chat, completion
 
@@ -97,18 +99,39 @@ def test_scan_file_catches_duplicates_and_long_lines() -> None:
         + line(completion("c"))
     )
     items = list(scan_file(io.BytesIO(data), max_line_bytes=1000))
-    assert [type(i).__name__ for i in items] == [
-        "Request",
-        "Request",
-        "LineError",
-        "LineError",
-        "Request",
+    # One item per line in order, then the duplicate replacing line 4's request.
+    assert [(type(i).__name__, i.line) for i in items] == [
+        ("Request", 1),
+        ("Request", 3),
+        ("Request", 4),
+        ("LineError", 5),
+        ("Request", 6),
+        ("LineError", 4),
     ]
-    dup, long = items[2], items[3]
-    assert isinstance(dup, LineError) and dup.code == "duplicate_custom_id" and dup.line == 4
-    assert "line 2" not in dup.message and "line 1" in dup.message
-    assert isinstance(long, LineError) and long.code == "line_too_long" and long.line == 5
-    assert items[4].line == 6
+    long, dup = items[3], items[5]
+    assert isinstance(dup, LineError) and dup.code == "duplicate_custom_id"
+    assert "line 1" in dup.message and "line 4" in dup.message
+    assert isinstance(long, LineError) and long.code == "line_too_long"
+
+
+@pytest.mark.parametrize("spill", [False, True])
+def test_duplicates_found_alike_in_memory_and_spilled(
+    spill: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past IN_MEMORY ids, buckets on disk bound the memory; the answer is the same."""
+    if spill:
+        monkeypatch.setattr(unique, "IN_MEMORY", 10)
+        monkeypatch.setattr(unique, "PER_BUCKET", 16)
+    ids = [f"id-{i % 150}" for i in range(200)] + ["", "é-ünïcode"] * 2
+    records = [chat(i) if i else {"custom_id": 5} for i in ids]
+    data = b"".join(line(r) for r in records)
+    items = list(scan_file(io.BytesIO(data), 1 << 20, tmp_path, expected=len(records)))
+    dupes = sorted(
+        i.line for i in items if isinstance(i, LineError) and i.code != "invalid_request"
+    )
+    # Lines 151..200 repeat ids 0..49; line 204 repeats line 202's id.
+    assert dupes == [*range(151, 201), 204]
+    assert not list(tmp_path.iterdir())  # bucket files removed
 
 
 def test_scan_file_not_utf8_names_line() -> None:

@@ -1,0 +1,91 @@
+"""custom_id uniqueness across a whole file, in memory that does not grow with the file.
+
+Up to `IN_MEMORY` ids are kept in a dict. Beyond that, each id is appended to one of
+several bucket files (by a stable hash of the id) and the buckets are checked one at a
+time after the pass, so memory is bounded by one bucket (~32K ids), whatever the job
+size. Bucket files are dot-named `.tmp` files: start-up recovery removes strays.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import struct
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+IN_MEMORY = 65_536  # ids checked in a dict (the default max_requests_per_job fits)
+PER_BUCKET = 32_768
+MAX_BUCKETS = 512
+# A bucket record: the line number (negative for a line that is already invalid), the
+# id's length, then the id's UTF-8 bytes.
+_HEADER = struct.Struct("<qI")
+
+
+class UniqueIds:
+    """Collects (line, custom_id, valid) in line order; says which valid lines repeat an id.
+
+    A line is a duplicate when its custom_id appeared on an earlier line (valid or not);
+    only valid lines are reported (an invalid one already has its own error).
+    """
+
+    def __init__(self, expected: int, spill_dir: Path | None) -> None:
+        self._memory: dict[str, int] | None = {}
+        self._dupes: list[tuple[int, str, int]] = []
+        self._files: list[BinaryIO] = []
+        self._paths: list[Path] = []
+        if expected > IN_MEMORY:
+            if spill_dir is None:
+                raise ValueError("more ids than fit in memory need a spill directory")
+            self._memory = None
+            buckets = min(MAX_BUCKETS, math.ceil(expected / PER_BUCKET))
+            for i in range(buckets):
+                path = spill_dir / f".ids-{os.getpid()}-{i}.tmp"
+                self._paths.append(path)
+                self._files.append(open(path, "wb", buffering=1 << 16))  # noqa: SIM115
+
+    def add(self, line: int, custom_id: str, valid: bool) -> None:
+        if self._memory is not None:
+            first = self._memory.setdefault(custom_id, line)
+            if first != line and valid:
+                self._dupes.append((line, custom_id, first))
+            return
+        data = custom_id.encode("utf-8", "surrogatepass")
+        bucket = self._files[zlib.crc32(data) % len(self._files)]
+        bucket.write(_HEADER.pack(line if valid else -line, len(data)))
+        bucket.write(data)
+
+    def duplicates(self) -> Iterator[tuple[int, str, int]]:
+        """(line, custom_id, first line) of every valid line that repeats an earlier id."""
+        if self._memory is not None:
+            yield from self._dupes
+            return
+        for f, path in zip(self._files, self._paths, strict=True):
+            f.close()
+            data = path.read_bytes()  # one bucket: ~PER_BUCKET ids
+            path.unlink()
+            seen: dict[bytes, int] = {}
+            pos, end, size = 0, len(data), _HEADER.size
+            while pos < end:
+                signed, length = _HEADER.unpack_from(data, pos)
+                key = data[pos + size : pos + size + length]
+                pos += size + length
+                line = abs(signed)
+                first = seen.setdefault(key, line)
+                if first != line and signed > 0:
+                    yield line, key.decode("utf-8", "surrogatepass"), first
+        self._files = []
+
+    def close(self) -> None:
+        for f in self._files:
+            f.close()
+        for path in self._paths:
+            path.unlink(missing_ok=True)
+
+    def __enter__(self) -> UniqueIds:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
