@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from typing import Any
 
@@ -10,11 +11,16 @@ import orjson
 from spoold.engines.base import Completion
 
 
+@functools.lru_cache(maxsize=64)
+def _job_hash(job_id: str) -> str:
+    return hashlib.blake2b(job_id.encode(), digest_size=8).hexdigest()
+
+
 def _ids(job_id: str, line: int) -> tuple[str, str, str]:
     """(batch id, request id, body id) of one line: stable, so a line redone after a
-    crash gets the same ids. One hash, cut in three."""
-    h = hashlib.blake2b(f"{job_id}\0{line}".encode(), digest_size=36).hexdigest()
-    return h[:24], h[24:48], h[48:]
+    crash gets the same ids; unique per line and, through the job's hash, per job."""
+    h = _job_hash(job_id)
+    return f"{h}{line:08x}", f"{line:08x}{h}", f"{h}-{line}"
 
 
 def batch_request_id(job_id: str, line: int) -> str:

@@ -77,7 +77,7 @@ class FakeEngine(Engine):
             request=request,
             model=self.model,
             choices=choices,
-            prompt_tokens=len(text.split()) + 1,
+            prompt_tokens=text.count(" ") + 2,  # roughly a token per word, plus one
             completion_tokens=completion_tokens,
         )
 
