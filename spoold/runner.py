@@ -262,13 +262,16 @@ class Runner:
                         handed += 1
                         yield parsed
 
+            counts = state.request_counts
+            chunk = self.cfg.processing.chunk_size
+
             def record(outcome: Outcome) -> None:
                 line = outcome.request.line
                 del run.pending[line]
                 run.done.add(line)
                 if isinstance(outcome, Completion):
                     out.append(formats.output_line(state.id, outcome, int(time.time())))
-                    state.request_counts.completed += 1
+                    counts.completed += 1
                     run.tokens += outcome.completion_tokens
                 else:
                     err.append(
@@ -281,9 +284,9 @@ class Runner:
                             outcome.status,
                         )
                     )
-                    state.request_counts.failed += 1
+                    counts.failed += 1
                 run.since_commit += 1
-                if run.since_commit >= self.cfg.processing.chunk_size:
+                if run.since_commit >= chunk:
                     self._commit(job_dir, state, run, out, err)
                 elif self.on_progress is not None and time.monotonic() >= run.next_report:
                     self._report(state, run)

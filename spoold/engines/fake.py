@@ -50,14 +50,14 @@ class FakeEngineError(RuntimeError):
 
 def fake_answer(request: Request, text: str, index: int = 0) -> tuple[str, str, int]:
     """(text, finish_reason, completion_tokens) that depend only on the request."""
-    seed = zlib.crc32(f"{request.url}\0{text}\0{index}".encode())
+    seed = zlib.crc32(text.encode(), zlib.crc32(request.url.encode())) + 7919 * index
     natural = 3 + seed % 30
-    limit = request.body.get("max_completion_tokens") or request.body.get("max_tokens")
+    body = request.body
+    limit = body.get("max_completion_tokens") or body.get("max_tokens")
     count = min(natural, limit) if limit else natural
     start = seed % (len(_STREAM) - 256)
-    words = _STREAM[start : start + count]
     finish = "length" if limit is not None and natural > limit else "stop"
-    return " ".join(words), finish, count
+    return " ".join(_STREAM[start : start + count]), finish, count
 
 
 class FakeEngine(Engine):
