@@ -1,5 +1,6 @@
 """The spool's names, shared by the daemon and `spool-status` (imports nothing heavy)."""
 
+import os
 from pathlib import Path
 
 INCOMING, PROCESSING, DONE, FAILED, HEARTBEATS = (
@@ -26,3 +27,27 @@ def find_job_dir(spool: Path, job_id: str) -> Path | None:
         if (spool / where / job_id).is_dir():
             return spool / where / job_id
     return None
+
+
+def job_dir_entries(base: Path) -> list[os.DirEntry[str]]:
+    """Job directories directly in `base` (dot-named staging dirs excluded), unsorted."""
+    try:
+        with os.scandir(base) as it:
+            return [d for d in it if not d.name.startswith(".") and d.is_dir(follow_symlinks=False)]
+    except FileNotFoundError:
+        return []
+
+
+def count_waiting(incoming: Path) -> int:
+    """Files in incoming/ that are jobs not yet claimed (uploads in progress excluded)."""
+    try:
+        with os.scandir(incoming) as it:
+            return sum(
+                1
+                for e in it
+                if e.name.endswith(JOB_SUFFIX)
+                and not is_upload_in_progress(e.name)
+                and e.is_file(follow_symlinks=False)
+            )
+    except FileNotFoundError:
+        return 0

@@ -6,7 +6,6 @@ match the collector's `*.prom` glob, and the rename makes the new file appear wh
 
 from __future__ import annotations
 
-import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +13,7 @@ from typing import Any
 
 from spoold import fsio
 from spoold.heartbeat import parse_time
-from spoold.layout import DONE, FAILED, INCOMING, JOB_SUFFIX, is_upload_in_progress
+from spoold.layout import DONE, FAILED, INCOMING, count_waiting, job_dir_entries
 
 _HELP = {
     "spoold_up": ("gauge", "1 while the daemon runs."),
@@ -39,24 +38,6 @@ class Counters:
     completed: int = 0
     failed: int = 0
     tokens: int = 0
-
-
-def _count_dirs(path: Path) -> int:
-    try:
-        with os.scandir(path) as it:
-            return sum(1 for e in it if not e.name.startswith(".") and e.is_dir())
-    except FileNotFoundError:
-        return 0
-
-
-def _waiting(incoming: Path) -> int:
-    try:
-        with os.scandir(incoming) as it:
-            return sum(
-                1 for e in it if e.name.endswith(JOB_SUFFIX) and not is_upload_in_progress(e.name)
-            )
-    except FileNotFoundError:
-        return 0
 
 
 def _number(value: float) -> str:
@@ -87,11 +68,11 @@ def render(
     add("spoold_heartbeat_timestamp_seconds", parse_time(beat.get("updated_at")))
     add("spoold_throttled", 1 if beat.get("status") == "throttled" else 0)
     jobs = {
-        "waiting": _waiting(spool / INCOMING),
+        "waiting": count_waiting(spool / INCOMING),
         "queued": queued,
         "running": running,
-        "done": _count_dirs(spool / DONE),
-        "failed": _count_dirs(spool / FAILED),
+        "done": len(job_dir_entries(spool / DONE)),
+        "failed": len(job_dir_entries(spool / FAILED)),
     }
     for job_state, n in jobs.items():
         add("spoold_jobs", n, state=job_state)

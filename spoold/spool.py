@@ -39,6 +39,7 @@ from spoold.layout import (
     JOB_SUFFIX,
     PROCESSING,
     is_upload_in_progress,
+    job_dir_entries,
 )
 from spoold.layout import (
     FAILED as FAILED_DIR,
@@ -226,11 +227,8 @@ class Spool:
     # -- processing ---------------------------------------------------------------
 
     def job_dirs(self, where: Path | None = None) -> Iterator[Path]:
-        base = where or self.processing
-        with os.scandir(base) as it:
-            for d in it:
-                if not d.name.startswith(".") and d.is_dir(follow_symlinks=False):
-                    yield Path(d.path)
+        for d in job_dir_entries(where or self.processing):
+            yield Path(d.path)
 
     def active_jobs(self) -> list[tuple[Path, JobState]]:
         """Jobs in processing/, in arrival (claim) order."""

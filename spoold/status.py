@@ -19,7 +19,15 @@ from typing import Any
 from spoold.config import Config, ConfigError, load_config, resolve_config_path
 from spoold.heartbeat import parse_time, read_heartbeat
 from spoold.job import ACTIVE, RUNNING, STATE
-from spoold.layout import JOB_SUFFIX, find_job_dir, is_upload_in_progress
+from spoold.layout import (
+    DONE,
+    FAILED,
+    INCOMING,
+    PROCESSING,
+    count_waiting,
+    find_job_dir,
+    job_dir_entries,
+)
 
 HEALTHY, DEGRADED, DOWN, UNKNOWN = 0, 1, 2, 3
 HEALTH_WORDS = {HEALTHY: "healthy", DEGRADED: "degraded", DOWN: "down", UNKNOWN: "no daemon"}
@@ -57,14 +65,6 @@ def _read_state(job_dir: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
-
-
-def _dirs(base: Path) -> list[os.DirEntry[str]]:
-    try:
-        with os.scandir(base) as it:
-            return [d for d in it if not d.name.startswith(".") and d.is_dir(follow_symlinks=False)]
-    except FileNotFoundError:
-        return []
 
 
 def _daemons(spool: Path, stale_after_s: float, now: float) -> list[dict[str, Any]]:
@@ -135,18 +135,11 @@ def build_report(spool: Path, stale_after_s: float, now: float | None = None) ->
     report = Report(spool=str(spool), now=now)
     report.daemons = _daemons(spool, stale_after_s, now)
     report.exit_code = _health(report.daemons)
-    waiting = 0
-    try:
-        with os.scandir(spool / "incoming") as it:
-            for e in it:
-                if is_upload_in_progress(e.name):
-                    continue
-                if e.name.endswith(JOB_SUFFIX) and e.is_file(follow_symlinks=False):
-                    waiting += 1
-    except FileNotFoundError:
+    waiting = count_waiting(spool / INCOMING)
+    if not (spool / INCOMING).is_dir():
         report.problems.append(f"{spool}/incoming does not exist: is this a spool?")
     queued = running = left = 0
-    for d in _dirs(spool / "processing"):
+    for d in job_dir_entries(spool / PROCESSING):
         state = _read_state(Path(d.path))
         if state is None or state.get("status") not in ACTIVE:
             continue
@@ -158,12 +151,12 @@ def build_report(spool: Path, stale_after_s: float, now: float | None = None) ->
         else:
             queued += 1
     report.jobs.sort(key=lambda j: (j["status"] != RUNNING, j["id"] or ""))
-    failed = _dirs(spool / "failed")
+    failed = job_dir_entries(spool / FAILED)
     report.queue = {
         "waiting": waiting,
         "queued": queued,
         "running": running,
-        "done": len(_dirs(spool / "done")),
+        "done": len(job_dir_entries(spool / DONE)),
         "failed": len(failed),
         "requests_left": left,
     }
