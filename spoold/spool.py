@@ -191,38 +191,34 @@ class Spool:
 
     def claim(self, entry: Entry, total: int, file_bytes: int) -> str | None:
         """Move an admitted file into processing/<job_id>/ (design §1). None if we lost."""
-        job_id = new_job_id(entry.name)
-        staging = self.processing / f"{CLAIM_PREFIX}{self.instance}+{job_id}"
-        fsio.make_dir(staging)  # step 1
-        state = JobState(id=job_id, source_name=entry.name, file_bytes=file_bytes)
+        state = JobState(id=new_job_id(entry.name), source_name=entry.name, file_bytes=file_bytes)
         state.request_counts.total = state.requests_in_file = total
-        save_state(staging, state)  # step 2
-        try:
-            fsio.move(entry.path, staging / INPUT)  # step 3: the rename is the lock
-        except FileNotFoundError:
-            fsio.remove_tree(staging)
-            return None
-        fsio.move(staging, self.processing / job_id)  # step 4
-        return job_id
+        return self._stage(self.processing, CLAIM_PREFIX, entry, INPUT, state)
 
     def reject(self, entry: Entry, reason: str, total: int | None = None) -> str | None:
         """Move an entry that will never run to failed/<job_id>/ with the reason."""
-        job_id = new_job_id(entry.name)
-        staging = self.failed / f"{REJECT_PREFIX}{self.instance}+{job_id}"
-        fsio.make_dir(staging)
-        state = JobState(id=job_id, source_name=entry.name, status=FAILED, error=reason)
+        state = JobState(id=new_job_id(entry.name), source_name=entry.name, status=FAILED)
+        state.error = reason
         state.file_bytes = entry.size if entry.regular else 0
         state.requests_in_file = total or 0
         state.finished_at = state.created_at
-        save_state(staging, state)
         target = INPUT if entry.kind is Kind.JOB else entry.name
+        return self._stage(self.failed, REJECT_PREFIX, entry, target, state)
+
+    def _stage(
+        self, base: Path, prefix: str, entry: Entry, target: str, state: JobState
+    ) -> str | None:
+        """The four steps of design §1 into `base`/<job_id>/. None if another daemon won."""
+        staging = base / f"{prefix}{self.instance}+{state.id}"
+        fsio.make_dir(staging)  # step 1
+        save_state(staging, state)  # step 2
         try:
-            fsio.move(entry.path, staging / target)
+            fsio.move(entry.path, staging / target)  # step 3: the rename is the lock
         except FileNotFoundError:
             fsio.remove_tree(staging)
             return None
-        fsio.move(staging, self.failed / job_id)
-        return job_id
+        fsio.move(staging, base / state.id)  # step 4
+        return state.id
 
     # -- processing ---------------------------------------------------------------
 
