@@ -298,29 +298,26 @@ class Daemon:
         """Wait while a GPU is too hot or full, or the disk too full. False if stopping."""
         throttled = False
         while not self.stop_requested.is_set():
-            reasons = [
-                r
-                for r in (
-                    self.guard.reason if not self.guard.check() else None,
-                    self._disk_problem(),
-                )
-                if r
-            ]
-            if not reasons:
+            gpu = None if self.guard.check() else self.guard.reason
+            reason = "; ".join(r for r in (gpu, self._disk_problem()) if r)
+            if not reason:
                 if throttled:
                     log.info("throttling over")
                     self.heartbeat.set(status="processing", reason=None)
                 return True
-            reason = "; ".join(reasons)
             if not throttled:
                 log.warning("throttled", reason=reason)
                 throttled = True
-            self.heartbeat.set(status="throttled", reason=reason)
-            self.notifier.status(f"throttled: {reason}")
-            self.notifier.watchdog()  # alive, waiting on purpose
-            self.wake.wait(self.poll_s)
-            self.wake.clear()
+            self._wait_throttled(reason)
         return False
+
+    def _wait_throttled(self, reason: str) -> None:
+        """Say why work waits (heartbeat, systemd), stay alive, sleep one poll."""
+        self.heartbeat.set(status="throttled", reason=reason)
+        self.notifier.status(f"throttled: {reason}")
+        self.notifier.watchdog()  # alive, waiting on purpose
+        self.wake.wait(self.poll_s)
+        self.wake.clear()
 
     # -- running --------------------------------------------------------------------
 
@@ -399,11 +396,7 @@ class Daemon:
             except DiskFull as e:
                 if self._drain:
                     raise
-                reason = f"disk full: {e}"
-                self.heartbeat.set(status="throttled", reason=reason)
-                self.notifier.status(reason)
-                self.wake.wait(self.poll_s)
-                self.wake.clear()
+                self._wait_throttled(f"disk full: {e}")
             except Exception:
                 # Never die for one job: its attempt counter ends a job that keeps failing.
                 log.exception("job run failed")
