@@ -42,15 +42,16 @@ def read_heartbeat(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+def beat_age(beat: dict[str, Any], now: float) -> float | None:
+    """Seconds since a heartbeat record was written; None if it says no time."""
+    updated = parse_time(beat.get("updated_at"))
+    return None if updated is None else max(0.0, now - updated)
+
+
 def heartbeat_age(path: Path, now: float | None = None) -> float | None:
     """Seconds since the heartbeat at `path` was written; None if there is none."""
     beat = read_heartbeat(path)
-    if beat is None:
-        return None
-    updated = parse_time(beat.get("updated_at"))
-    if updated is None:
-        return None
-    return max(0.0, (now if now is not None else time.time()) - updated)
+    return None if beat is None else beat_age(beat, time.time() if now is None else now)
 
 
 class Heartbeat:

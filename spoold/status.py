@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from spoold.config import Config, ConfigError, load_config, resolve_config_path
-from spoold.heartbeat import parse_time, read_heartbeat
+from spoold.heartbeat import beat_age, parse_time, read_heartbeat
 from spoold.job import ACTIVE, RUNNING, STATE
 from spoold.layout import (
     DONE,
@@ -77,8 +77,7 @@ def _daemons(spool: Path, stale_after_s: float, now: float) -> list[dict[str, An
         beat = read_heartbeat(path)
         if beat is None:
             continue
-        updated = parse_time(beat.get("updated_at"))
-        age = None if updated is None else max(0.0, now - updated)
+        age = beat_age(beat, now)
         progress = parse_time(beat.get("last_progress_at"))
         beat["age_s"] = None if age is None else round(age, 1)
         beat["stale"] = age is None or age > stale_after_s
