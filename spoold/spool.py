@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -266,12 +267,17 @@ class Spool:
             {"instance": self.instance, "hostname": socket.gethostname(), "pid": os.getpid()}
         ).encode()
 
-    def owner_of(self, job_dir: Path) -> str | None:
+    def _owner(self, job_dir: Path) -> dict[str, Any]:
+        """owner.json's record; empty when missing or unreadable."""
         try:
             owner = fsio.read_json(job_dir / OWNER)
         except (OSError, ValueError):
-            return None
-        return owner.get("instance") if isinstance(owner, dict) else None
+            return {}
+        return owner if isinstance(owner, dict) else {}
+
+    def owner_of(self, job_dir: Path) -> str | None:
+        instance = self._owner(job_dir).get("instance")
+        return instance if isinstance(instance, str) else None
 
     def instance_is_stale(self, instance: str, stale_after_s: float) -> bool:
         age = heartbeat_age(self.heartbeats / f"{instance}.json")
@@ -301,11 +307,8 @@ class Spool:
         return fsio.create_exclusive(owner_path, self._owner_record())
 
     def still_owner(self, job_dir: Path) -> bool:
-        try:
-            owner = fsio.read_json(job_dir / OWNER)
-        except (OSError, ValueError):
-            return False
-        return bool(owner.get("instance") == self.instance and owner.get("pid") == os.getpid())
+        owner = self._owner(job_dir)
+        return owner.get("instance") == self.instance and owner.get("pid") == os.getpid()
 
     # -- recovery (design §7) -----------------------------------------------------
 
