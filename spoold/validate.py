@@ -21,7 +21,9 @@ DUPLICATE = "duplicate_custom_id"
 MODEL_MISMATCH = "model_mismatch"
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: a frozen dataclass's __init__ costs twice as much, and two are built per
+# request (validation, then the run). Nothing mutates a Request.
+@dataclass(slots=True)
 class Request:
     line: int
     custom_id: str
@@ -162,19 +164,30 @@ def check_body(url: str, body: Any) -> str | None:
     return None
 
 
+def _decode_slow(raw: bytes, line: int) -> str | None:
+    """The text of a line orjson refused as it is: BOM and whitespace stripped; None
+    for a blank line. Raises UnicodeDecodeError for bytes that are not UTF-8."""
+    text = raw.decode("utf-8")
+    if line == 1 and text.startswith("\ufeff"):
+        text = text[1:]
+    text = text.strip()
+    return text or None
+
+
 def read_request(raw: bytes, line: int) -> Request | None:
     """A line that validation already accepted, parsed without checking it again.
 
     The input never changes after the claim, and every line validation rejected is
     skipped by its number, so the run pass only needs the fields. None for a blank.
     """
-    text = raw.decode("utf-8")
-    if line == 1 and text.startswith("\ufeff"):
-        text = text[1:]
-    if not text.strip():
-        return None
-    obj = orjson.loads(text)
-    return Request(line=line, custom_id=obj["custom_id"], url=obj["url"], body=obj["body"])
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        text = _decode_slow(raw, line)  # a BOM or Unicode whitespace around the object
+        if text is None:
+            return None
+        obj = orjson.loads(text)
+    return Request(line, obj["custom_id"], obj["url"], obj["body"])
 
 
 def parse_line(raw: bytes, line: int) -> Request | LineError | None:
@@ -182,36 +195,36 @@ def parse_line(raw: bytes, line: int) -> Request | LineError | None:
 
     Raises UnicodeDecodeError for bytes that are not UTF-8 (the whole file fails).
     """
-    text = raw.decode("utf-8")
-    if line == 1 and text.startswith("\ufeff"):
-        text = text[1:]
-    text = text.strip()
-    if not text:
-        return None
+    # orjson parses the bytes as they are (and checks they are UTF-8): the common case.
+    # What it refuses is looked at again as text, for a BOM, a blank line or the error.
     try:
-        obj = orjson.loads(text)
-    except ValueError as e:
-        return LineError(line, None, "invalid_json", f"line {line}: not valid JSON ({e})")
-    if not isinstance(obj, dict):
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        text = _decode_slow(raw, line)
+        if text is None:
+            return None
+        try:
+            obj = orjson.loads(text)
+        except orjson.JSONDecodeError as e:
+            return LineError(line, None, "invalid_json", f"line {line}: not valid JSON ({e})")
+    if type(obj) is not dict:
         return LineError(line, None, "invalid_request", f"line {line}: must be a JSON object")
     custom_id = obj.get("custom_id")
-    if not isinstance(custom_id, str) or not custom_id:
+    if type(custom_id) is not str or not custom_id:
         return LineError(
             line, None, "invalid_request", f"line {line}: custom_id must be a non-empty string"
         )
-
-    def bad(message: str) -> LineError:
-        return LineError(line, custom_id, "invalid_request", f"line {line}: {message}")
-
+    url: Any = obj.get("url")
+    problem: str | None
     if obj.get("method") != "POST":
-        return bad(f'method must be "POST", got {json.dumps(obj.get("method"))}')
-    url = obj.get("url")
-    if url not in SUPPORTED_URLS:
-        return bad(f"url must be one of {', '.join(SUPPORTED_URLS)}, got {json.dumps(url)}")
-    problem = check_body(url, obj.get("body"))
+        problem = f'method must be "POST", got {json.dumps(obj.get("method"))}'
+    elif url not in SUPPORTED_URLS:
+        problem = f"url must be one of {', '.join(SUPPORTED_URLS)}, got {json.dumps(url)}"
+    else:
+        problem = check_body(url, obj.get("body"))
     if problem:
-        return bad(problem)
-    return Request(line=line, custom_id=custom_id, url=url, body=obj["body"])
+        return LineError(line, custom_id, "invalid_request", f"line {line}: {problem}")
+    return Request(line, custom_id, url, obj["body"])
 
 
 def duplicate_error(line: int, custom_id: str, first_line: int) -> LineError:

@@ -6,7 +6,14 @@ from typing import Any
 import pytest
 
 from spoold import unique
-from spoold.validate import LineError, NotUtf8Error, Request, parse_line, scan_file
+from spoold.validate import (
+    LineError,
+    NotUtf8Error,
+    Request,
+    parse_line,
+    read_request,
+    scan_file,
+)
 from tests.helpers import chat, completion
 
 
@@ -28,6 +35,22 @@ def test_blank_lines_are_skipped() -> None:
 def test_bom_and_crlf_accepted() -> None:
     r = parse_line(b"\xef\xbb\xbf" + line(chat("a")).rstrip(b"\n") + b"\r\n", 1)
     assert isinstance(r, Request)
+
+
+def test_the_run_pass_reads_what_validation_accepted() -> None:
+    # Lines orjson refuses as bytes (a BOM, Unicode spaces) take the slow path in both
+    # passes: what validation accepted, the run pass must read the same way.
+    for raw, n in [
+        (b"\xef\xbb\xbf" + line(chat("a")), 1),
+        ("\u00a0".encode() + line(chat("b")).rstrip(b"\n") + "\u3000\r\n".encode(), 2),
+        ((json.dumps(chat("c", content="h\u00e9llo \U0001f600"), ensure_ascii=False)).encode(), 3),
+    ]:
+        checked = parse_line(raw, n)
+        assert isinstance(checked, Request), raw
+        assert read_request(raw, n) == checked
+    late_bom = parse_line(b"\xef\xbb\xbf" + line(chat("a")), 2)  # a BOM only starts a file
+    assert isinstance(late_bom, LineError) and late_bom.code == "invalid_json"
+    assert read_request(b" \t\r\n", 4) is None
 
 
 def test_non_utf8_raises() -> None:
