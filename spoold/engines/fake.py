@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 import zlib
@@ -9,7 +10,7 @@ from collections.abc import Iterator
 
 from spoold.config import FakeEngineConfig
 from spoold.engines.base import Choice, Completion, Engine, Outcome
-from spoold.validate import Request
+from spoold.validate import SUPPORTED_URLS, Request
 
 _WORDS = (
     "alpha",
@@ -40,8 +41,12 @@ _WORDS = (
     "zulu",
 )
 
-# A fixed pseudo-random stream of words: an answer is a slice of it (cheap, repeatable).
+# A fixed pseudo-random stream of words: an answer is a slice of it (cheap, repeatable),
+# cut from the stream joined once, at the offsets where its words start.
 _STREAM = tuple(_WORDS[(i * 7919 + i // 26) % len(_WORDS)] for i in range(8192))
+_JOINED = " ".join(_STREAM) + " "
+_STARTS = tuple(itertools.accumulate((len(w) + 1 for w in _STREAM), initial=0))
+_URL_SEEDS = {url: zlib.crc32(url.encode()) for url in SUPPORTED_URLS}
 
 
 class FakeEngineError(RuntimeError):
@@ -50,14 +55,14 @@ class FakeEngineError(RuntimeError):
 
 def fake_answer(request: Request, text: str, index: int = 0) -> tuple[str, str, int]:
     """(text, finish_reason, completion_tokens) that depend only on the request."""
-    seed = zlib.crc32(text.encode(), zlib.crc32(request.url.encode())) + 7919 * index
+    seed = zlib.crc32(text.encode(), _URL_SEEDS[request.url]) + 7919 * index
     natural = 3 + seed % 30
     body = request.body
     limit = body.get("max_completion_tokens") or body.get("max_tokens")
     count = min(natural, limit) if limit else natural
     start = seed % (len(_STREAM) - 256)
     finish = "length" if limit is not None and natural > limit else "stop"
-    return " ".join(_STREAM[start : start + count]), finish, count
+    return _JOINED[_STARTS[start] : _STARTS[start + count] - 1], finish, count
 
 
 class FakeEngine(Engine):
@@ -66,32 +71,21 @@ class FakeEngine(Engine):
         self.cfg = cfg
 
     def _answer(self, request: Request, text: str) -> Completion:
-        n = request.body.get("n") or 1
         choices = []
         completion_tokens = 0
-        for i in range(n):
+        for i in range(request.body.get("n") or 1):
             answer, finish, count = fake_answer(request, text, i)
-            choices.append(Choice(text=answer, finish_reason=finish))
+            choices.append(Choice(answer, finish))
             completion_tokens += count
-        return Completion(
-            request=request,
-            model=self.model,
-            choices=choices,
-            prompt_tokens=text.count(" ") + 2,  # roughly a token per word, plus one
-            completion_tokens=completion_tokens,
-        )
+        # Roughly a token per word, plus one.
+        return Completion(request, self.model, choices, text.count(" ") + 2, completion_tokens)
 
     def run(self, requests: Iterator[Request]) -> Iterator[Outcome]:
-        batch: list[Request] = []
-        for request in requests:
-            batch.append(request)
-            if len(batch) >= self.cfg.batch_size:
-                yield from self._run_batch(batch)
-                batch = []
-        if batch:
+        size = self.cfg.batch_size
+        while batch := list(itertools.islice(requests, size)):
             yield from self._run_batch(batch)
 
-    def _run_batch(self, batch: list[Request]) -> Iterator[Outcome]:
+    def _run_batch(self, batch: list[Request]) -> list[Completion]:
         texts = [r.text() for r in batch]
         crash, fail = self.cfg.crash_marker, self.cfg.fail_marker
         if crash and any(crash in t for t in texts):
@@ -102,5 +96,4 @@ class FakeEngine(Engine):
             time.sleep(self.cfg.delay_per_request_s * len(batch))
         if self.on_step is not None:
             self.on_step()
-        for request, text in zip(batch, texts, strict=True):
-            yield self._answer(request, text)
+        return [self._answer(r, t) for r, t in zip(batch, texts, strict=True)]
