@@ -1,7 +1,7 @@
 """custom_id uniqueness across a whole file, in memory that does not grow with the file.
 
 Up to `IN_MEMORY` ids are kept in a dict. Beyond that, each id is appended to one of
-several bucket files (by a stable hash of the id) and the buckets are checked one at a
+several bucket files (by the id's hash) and the buckets are checked one at a
 time after the pass, so memory is bounded by one bucket (~32K ids), whatever the job
 size. Bucket files are dot-named `.tmp` files: start-up recovery removes strays.
 """
@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import os
 import struct
-import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -53,9 +52,10 @@ class UniqueIds:
                 self._dupes.append((line, custom_id, first))
             return
         data = custom_id.encode("utf-8", "surrogatepass")
-        bucket = self._files[zlib.crc32(data) % len(self._files)]
-        bucket.write(_HEADER.pack(line if valid else -line, len(data)))
-        bucket.write(data)
+        # hash() differs between processes but not within one, and one pass is one
+        # process: the same id always lands in the same bucket.
+        bucket = self._files[hash(custom_id) % len(self._files)]
+        bucket.write(_HEADER.pack(line if valid else -line, len(data)) + data)
 
     def duplicates(self) -> Iterator[tuple[int, str, int]]:
         """(line, custom_id, first line) of every valid line that repeats an earlier id."""
