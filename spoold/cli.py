@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 from pathlib import Path
@@ -33,6 +34,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     daemon = Daemon(cfg, lambda model: make_engine(cfg.engine, model), gpu_reader=open_nvml())
     daemon.install_signal_handlers()
+    # What the imports made lives as long as the process: out of the cyclic collector's
+    # sight, full collections stop walking it (~3% of a fake-engine job's CPU time).
+    gc.freeze()
     return daemon.run(drain=args.drain)
 
 

@@ -173,23 +173,29 @@ class Runner:
         counts.total = counts.failed = counts.completed = 0
         rejected: list[int] = []
         model = self.engine.model
+        runs_here: set[object] = set()  # body.model values seen to map to the job's model
         with AppendLog(job_dir / ERRORS, 0) as errors, open(job_dir / INPUT, "rb") as f:
             try:
                 for item in scan_file(f, self.cfg.limits.max_line_bytes, job_dir, expected):
-                    if isinstance(item, LineError) and item.code == DUPLICATE:
-                        pass  # replaces a line already counted as a request
-                    else:
-                        counts.total += 1
                     if isinstance(item, Request):
-                        item = self._check_model(item, model)
-                    if isinstance(item, LineError):
-                        counts.failed += 1
-                        rejected.append(item.line)
-                        errors.append(
-                            formats.error_line(
-                                state.id, item.line, item.custom_id, item.code, item.message
-                            )
+                        counts.total += 1
+                        name = item.body.get("model")
+                        if name in runs_here:
+                            continue
+                        mismatch = self._check_model(item, model)
+                        if mismatch is None:
+                            runs_here.add(name)
+                            continue
+                        item = mismatch
+                    elif item.code != DUPLICATE:  # a duplicate replaces a counted line
+                        counts.total += 1
+                    counts.failed += 1
+                    rejected.append(item.line)
+                    errors.append(
+                        formats.error_line(
+                            state.id, item.line, item.custom_id, item.code, item.message
                         )
+                    )
             except NotUtf8Error as e:
                 errors.sync()  # the lines already dead-lettered stay counted and kept
                 state.requests_in_file = counts.total
@@ -211,11 +217,11 @@ class Runner:
             )
         save_state(job_dir, state)
 
-    def _check_model(self, request: Request, job_model: str) -> Request | LineError:
+    def _check_model(self, request: Request, job_model: str) -> LineError | None:
         """A job runs on one model; a line whose body.model maps to another is an error."""
         wanted = self.cfg.engine.resolve_model(request.body.get("model"))
         if wanted == job_model:
-            return request
+            return None
         return LineError(
             request.line,
             request.custom_id,

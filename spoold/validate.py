@@ -57,51 +57,61 @@ class LineError:
     message: str
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_num(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool)
+# These run for every field of every line: exact type() checks inline (a bool is not a
+# number here; parsed JSON has no subclasses), no helper calls.
+_NUM = (int, float)
 
 
 def _str_or_str_list(v: Any) -> bool:
-    return isinstance(v, str) or (
-        isinstance(v, list) and len(v) <= 16 and all(isinstance(s, str) for s in v)
-    )
+    return type(v) is str or (type(v) is list and len(v) <= 16 and all(type(s) is str for s in v))
 
 
 # Sampling and output fields the engines honour: name → (check, what it must be).
 _FIELD_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "model": (lambda v: isinstance(v, str), "a string"),
-    "max_tokens": (lambda v: v is None or (_is_int(v) and v >= 1), "an integer >= 1"),
-    "max_completion_tokens": (lambda v: v is None or (_is_int(v) and v >= 1), "an integer >= 1"),
-    "temperature": (lambda v: v is None or (_is_num(v) and 0 <= v <= 2), "a number in [0, 2]"),
-    "top_p": (lambda v: v is None or (_is_num(v) and 0 < v <= 1), "a number in (0, 1]"),
-    "top_k": (lambda v: v is None or (_is_int(v) and (v == -1 or v >= 0)), "-1 or an integer >= 0"),
-    "min_p": (lambda v: v is None or (_is_num(v) and 0 <= v <= 1), "a number in [0, 1]"),
-    "n": (lambda v: v is None or (_is_int(v) and 1 <= v <= 128), "an integer in [1, 128]"),
+    "model": (lambda v: type(v) is str, "a string"),
+    "max_tokens": (lambda v: v is None or (type(v) is int and v >= 1), "an integer >= 1"),
+    "max_completion_tokens": (
+        lambda v: v is None or (type(v) is int and v >= 1),
+        "an integer >= 1",
+    ),
+    "temperature": (
+        lambda v: v is None or (type(v) in _NUM and 0 <= v <= 2),
+        "a number in [0, 2]",
+    ),
+    "top_p": (lambda v: v is None or (type(v) in _NUM and 0 < v <= 1), "a number in (0, 1]"),
+    "top_k": (
+        lambda v: v is None or (type(v) is int and (v == -1 or v >= 0)),
+        "-1 or an integer >= 0",
+    ),
+    "min_p": (lambda v: v is None or (type(v) in _NUM and 0 <= v <= 1), "a number in [0, 1]"),
+    "n": (lambda v: v is None or (type(v) is int and 1 <= v <= 128), "an integer in [1, 128]"),
     "stop": (lambda v: v is None or _str_or_str_list(v), "a string or a list of strings"),
-    "seed": (lambda v: v is None or _is_int(v), "an integer"),
+    "seed": (lambda v: v is None or type(v) is int, "an integer"),
     "presence_penalty": (
-        lambda v: v is None or (_is_num(v) and -2 <= v <= 2),
+        lambda v: v is None or (type(v) in _NUM and -2 <= v <= 2),
         "a number in [-2, 2]",
     ),
     "frequency_penalty": (
-        lambda v: v is None or (_is_num(v) and -2 <= v <= 2),
+        lambda v: v is None or (type(v) in _NUM and -2 <= v <= 2),
         "a number in [-2, 2]",
     ),
-    "repetition_penalty": (lambda v: v is None or (_is_num(v) and v > 0), "a number > 0"),
-    "logprobs": (lambda v: v is None or isinstance(v, bool) or _is_int(v), "a boolean or integer"),
-    "top_logprobs": (lambda v: v is None or (_is_int(v) and 0 <= v <= 20), "an integer in [0, 20]"),
-    "response_format": (lambda v: isinstance(v, dict) and "type" in v, "an object with 'type'"),
+    "repetition_penalty": (lambda v: v is None or (type(v) in _NUM and v > 0), "a number > 0"),
+    "logprobs": (
+        lambda v: v is None or type(v) is bool or type(v) is int,
+        "a boolean or integer",
+    ),
+    "top_logprobs": (
+        lambda v: v is None or (type(v) is int and 0 <= v <= 20),
+        "an integer in [0, 20]",
+    ),
+    "response_format": (lambda v: type(v) is dict and "type" in v, "an object with 'type'"),
     "stream": (lambda v: v is None or v is False, "false (batch jobs cannot stream)"),
     "echo": (lambda v: v is None or v is False, "false"),
     "suffix": (lambda v: v is None, "null"),
     "best_of": (lambda v: v is None or v == 1, "1"),
-    "ignore_eos": (lambda v: isinstance(v, bool), "a boolean"),
-    "min_tokens": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
-    "skip_special_tokens": (lambda v: isinstance(v, bool), "a boolean"),
+    "ignore_eos": (lambda v: type(v) is bool, "a boolean"),
+    "min_tokens": (lambda v: type(v) is int and v >= 0, "an integer >= 0"),
+    "skip_special_tokens": (lambda v: type(v) is bool, "a boolean"),
 }
 # Accepted and ignored: they do not change what the engine computes.
 _HARMLESS = {"user", "metadata", "store", "service_tier", "stream_options"}
