@@ -52,6 +52,24 @@ def test_append_log_truncates_uncommitted_tail(tmp_path: Path) -> None:
     assert p.read_bytes() == b'{"a": 1}\n{"c": 3}\n'
 
 
+def test_append_log_chunks_after_a_bigger_one_write_only_their_own_bytes(tmp_path: Path) -> None:
+    # The pending buffer is reused from chunk to chunk: a short chunk after a long one
+    # must not carry the long one's tail along.
+    p = tmp_path / "output.jsonl"
+    with fsio.AppendLog(p, 0) as log:
+        for i in range(1000):
+            log.append(b"long line %d\n" % i)
+        log.sync()
+        log.append(b"short\n")
+        log.sync()
+        log.sync()  # nothing new: a no-op
+        log.append(b"last\n")
+        log.sync()
+        assert log.size == p.stat().st_size
+    lines = p.read_bytes().splitlines()
+    assert len(lines) == 1002 and lines[-2:] == [b"short", b"last"]
+
+
 def test_append_log_close_without_sync_writes_nothing(tmp_path: Path) -> None:
     p = tmp_path / "output.jsonl"
     with fsio.AppendLog(p, 0) as log:
