@@ -23,10 +23,10 @@ from spoold.config import Config
 from spoold.engines.base import Engine, EngineFatal
 from spoold.gpu import GpuGuard, GpuReader
 from spoold.heartbeat import Heartbeat
-from spoold.job import INPUT, RUNNING, TERMINAL, JobState
+from spoold.job import CANCELLED, INPUT, QUEUED, RUNNING, TERMINAL, JobState
 from spoold.metrics import MetricsWriter
 from spoold.notify import Notifier
-from spoold.runner import DiskFull, Runner
+from spoold.runner import DiskFull, Runner, finish_job
 from spoold.spool import Entry, Kind, QueueLoad, SettleTracker, Spool, count_requests
 from spoold.validate import first_request
 from spoold.watch import Watcher
@@ -85,6 +85,7 @@ class Daemon:
             self.heartbeat.on_beat = self._write_metrics
         self.poll_s = 5.0  # how often a throttled daemon looks again
         self._drain = False
+        self._next_admit = 0.0  # when a running job's progress may admit files next
 
     # -- life cycle ---------------------------------------------------------------
 
@@ -324,6 +325,7 @@ class Daemon:
     def run_next_job(self) -> bool:
         """Run the oldest job we can own, preferring the loaded model's. False if none."""
         jobs = [(d, st) for d, st in self.spool.active_jobs() if st.status not in TERMINAL]
+        jobs = self._finish_cancelled(jobs)
         if self.metrics is not None:
             self.metrics.running = sum(st.status == RUNNING for _, st in jobs)
             self.metrics.queued = len(jobs) - self.metrics.running
@@ -339,6 +341,17 @@ class Daemon:
             self._run_job(job_dir, state, self._job_models[state.id])
             return True
         return False
+
+    def _finish_cancelled(self, jobs: list[tuple[Path, JobState]]) -> list[tuple[Path, JobState]]:
+        """File queued jobs with a CANCEL request under failed/ now, without loading
+        a model or validating them; the jobs left to run."""
+        left = []
+        for job_dir, state in jobs:
+            if state.status != QUEUED or not self.spool.cancel_requested(job_dir):
+                left.append((job_dir, state))
+            elif self.spool.acquire(job_dir, self.cfg.heartbeat.stale_after_s):
+                finish_job(self.spool, job_dir, state, CANCELLED, log.bind(job_id=state.id))
+        return left
 
     def _model_of(self, job_dir: Path, state: JobState) -> str:
         """The engine model a job needs: its first request's body.model, resolved."""
@@ -402,13 +415,39 @@ class Daemon:
                 log.exception("job run failed")
 
     def _progress(self, state: JobState, tokens: int, rate: float) -> None:
-        """Work moved: heartbeat fields, metrics, systemd status and watchdog."""
+        """Work moved: heartbeat fields, metrics, systemd status and watchdog; and files
+        that arrived meanwhile are admitted."""
         c = state.request_counts
         done = c.completed + c.failed
         if self.metrics is not None:
             self.metrics.job_progress(state.id, c.completed, c.failed, tokens)
         self.heartbeat.progress(
-            {"id": state.id, "completed": done, "total": c.total, "tokens_per_s": round(rate, 1)}
+            {
+                "id": state.id,
+                "completed": c.completed,
+                "failed": c.failed,
+                "total": c.total,
+                "tokens_per_s": round(rate, 1),
+            }
         )
         self.notifier.status(f"processing {state.id}: {done}/{c.total}")
         self.notifier.watchdog()
+        self._admit_while_running()
+
+    def _admit_while_running(self) -> None:
+        """Claim what arrived while a job runs, about once a second (the runner reports
+        progress at least that often while outcomes flow): a new file becomes a queued
+        job with its job_id (so it shows as queued, and can be cancelled) now, not
+        when the running job ends."""
+        now = self.clock()
+        if now < self._next_admit:
+            return
+        self._next_admit = now + 1.0
+        try:
+            report = self.admit()
+            self.heartbeat.set(waiting=len(report.waiting))
+            self._finish_cancelled(
+                [(d, st) for d, st in self.spool.active_jobs() if st.status == QUEUED]
+            )
+        except OSError as e:  # tried again at the next report; the running job goes on
+            log.warning("cannot admit or cancel while a job runs", error=str(e))

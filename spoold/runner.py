@@ -74,6 +74,21 @@ class _Run:
     next_report: float = 0.0
 
 
+def finish_job(
+    spool: Spool, job_dir: Path, state: JobState, status: str, jlog: structlog.BoundLogger
+) -> None:
+    """Give a job its terminal status and file it under done/ or failed/."""
+    state.transition(status)
+    # Once finished, total = completed + failed (SPEC §4); what the file held
+    # stays in requests_in_file.
+    c = state.request_counts
+    c.total = c.completed + c.failed
+    spool.finish(job_dir, state)
+    jlog.info(
+        "job finished", status=status, completed=c.completed, failed=c.failed, error=state.error
+    )
+
+
 class Runner:
     def __init__(
         self,
@@ -150,19 +165,7 @@ class Runner:
     def _finish(
         self, job_dir: Path, state: JobState, status: str, jlog: structlog.BoundLogger
     ) -> str:
-        state.transition(status)
-        # Once finished, total = completed + failed (SPEC §4); what the file held
-        # stays in requests_in_file.
-        c = state.request_counts
-        c.total = c.completed + c.failed
-        self.spool.finish(job_dir, state)
-        jlog.info(
-            "job finished",
-            status=status,
-            completed=state.request_counts.completed,
-            failed=state.request_counts.failed,
-            error=state.error,
-        )
+        finish_job(self.spool, job_dir, state, status, jlog)
         return status
 
     # -- validation (design §4) ------------------------------------------------------

@@ -157,6 +157,42 @@ def test_queue_depth_one_admits_one_at_a_time_in_order(
     assert [state(j)["source_name"] for j in finished] == names
 
 
+def test_a_file_dropped_behind_a_running_job_is_queued_and_cancellable_at_once(
+    tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    """SPEC: processing/ holds queued jobs; a file waits in incoming/ only for a limit."""
+    cfg = make_config(
+        tmp_path, engine={"backend": "fake", "fake": {"delay_per_request_s": 0.01, "batch_size": 5}}
+    )
+    spool = tmp_path / "spool"
+    write_jsonl(spool / "incoming" / "long.jsonl", [chat(f"l{i}") for i in range(3000)])
+    start(daemons, cfg)
+    wait_for(
+        lambda: any(state(j)["status"] == "running" for j in job_dirs(spool, "processing")),
+        what="the long job to run",
+    )
+    write_jsonl(spool / "incoming" / "behind.jsonl", [chat("b1"), chat("b2")])
+
+    def queued() -> Path | None:
+        for j in job_dirs(spool, "processing"):
+            if state(j)["source_name"] == "behind.jsonl":
+                return j
+        return None
+
+    job = wait_for(queued, timeout=10, what="the second file to be claimed")
+    assert state(job)["status"] == "queued"
+    assert not (spool / "incoming" / "behind.jsonl").exists()
+    assert any(state(j)["status"] == "running" for j in job_dirs(spool, "processing"))
+    run_spoold("cancel", "--config", str(cfg), job.name, check=True)
+    cancelled = wait_for(
+        lambda: [j for j in job_dirs(spool, "failed") if j.name == job.name],
+        timeout=10,  # not when the 30 s job ahead of it ends
+        what="the queued job to be cancelled",
+    )[0]
+    assert state(cancelled)["status"] == "cancelled"
+    assert state(cancelled)["request_counts"]["completed"] == 0
+
+
 def test_sigterm_mid_job_exits_0_and_the_job_resumes(tmp_path: Path, daemons: list[Daemon]) -> None:
     """SIGTERM: finish the chunk, heartbeat `stopping`, exit 0; the next start resumes (C8)."""
     cfg = make_config(
