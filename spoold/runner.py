@@ -69,6 +69,7 @@ class _Run:
     done: set[int] = field(default_factory=set)
     since_commit: int = 0
     halt: str | None = None  # why feeding stopped: "stop", "cancel", "lost"
+    failure: Exception | None = None  # an error of ours (input, results), not the engine's
     tokens: int = 0
     started: float = field(default_factory=time.monotonic)
     next_report: float = 0.0
@@ -253,28 +254,38 @@ class Runner:
                 cap = self.cfg.limits.max_line_bytes
                 gate = self.gate
                 handed = 0
-                for line_no, end, raw in iter_lines(f, run.next_offset, run.next_line, cap):
-                    if run.halt is None and self.should_stop():
-                        run.halt = "stop"
-                    at_chunk_start = handed % chunk_size == 0
-                    if run.halt is None and gate is not None and at_chunk_start and not gate():
-                        run.halt = "stop"
-                    if run.halt is not None:
-                        return
-                    start = run.next_offset
-                    run.next_line, run.next_offset = line_no + 1, end
-                    if line_no in skip or raw is None:
-                        continue
-                    parsed = read_request(raw, line_no)
-                    if parsed is not None:
-                        run.pending[line_no] = (start, parsed)
-                        handed += 1
-                        yield parsed
+                try:
+                    for line_no, end, raw in iter_lines(f, run.next_offset, run.next_line, cap):
+                        if run.halt is None and self.should_stop():
+                            run.halt = "stop"
+                        if run.halt is None and gate is not None and handed % chunk_size == 0:
+                            run.halt = None if gate() else "stop"  # before each chunk
+                        if run.halt is not None:
+                            return
+                        parsed = None
+                        if line_no not in skip and raw is not None:
+                            parsed = read_request(raw, line_no)
+                        start = run.next_offset
+                        run.next_line, run.next_offset = line_no + 1, end
+                        if parsed is not None:
+                            run.pending[line_no] = (start, parsed)
+                            handed += 1
+                            yield parsed
+                except Exception as e:
+                    run.failure = e  # reading the input failed: not the engine's doing
+                    raise
 
             counts = state.request_counts
             chunk = self.cfg.processing.chunk_size
 
             def record(outcome: Outcome) -> None:
+                try:
+                    _record(outcome)
+                except Exception as e:
+                    run.failure = e  # writing or committing failed: not the engine's doing
+                    raise
+
+            def _record(outcome: Outcome) -> None:
                 line = outcome.request.line
                 del run.pending[line]
                 run.done.add(line)
@@ -315,6 +326,8 @@ class Runner:
                     except EngineFatal:
                         raise
                     except Exception as e:
+                        if run.failure is not None:
+                            raise run.failure from None
                         isolate([r for r in half if r.line in run.pending], e)
 
             source = feed()
@@ -326,6 +339,12 @@ class Runner:
                 except EngineFatal:
                     raise
                 except Exception as e:
+                    # Only the engine's own failures are bisected. An error reading the
+                    # input or writing results ends the run (a crash, as far as the job's
+                    # attempts go): bisecting it would let the job finish without the
+                    # lines the feed never handed out.
+                    if run.failure is not None:
+                        raise run.failure from None
                     log.warning("engine failed for a batch; isolating", error=str(e))
                     isolate([req for _, req in run.pending.values()], e)
             if run.halt != "lost":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -197,3 +198,41 @@ def test_real_nvml_reader_where_a_gpu_exists() -> None:
     for r in readings:
         assert 0 <= r.memory_percent <= 100
         assert 0 < r.temperature_c < 120
+
+
+def test_an_input_read_error_mid_run_is_not_taken_for_the_engine(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """EIO while reading input.jsonl (a flaky NFS mount) ends the attempt; it must not
+    be bisected like an engine failure, which used to finish the job without the
+    lines never handed out. The next attempt resumes and every request runs once."""
+    from spoold import runner
+
+    cfg = parse_config(
+        {
+            "spool_dir": str(tmp_path / "spool"),
+            "watch": {"settle_seconds": 0},
+            "processing": {"chunk_size": 50},
+            "engine": {"backend": "fake", "fake": {"batch_size": 16}},
+        }
+    )
+    real = runner.read_request
+    failed = []
+
+    def flaky(raw: bytes, line: int) -> object:
+        if line == 120 and not failed:
+            failed.append(line)
+            raise OSError(errno.EIO, "Input/output error")
+        return real(raw, line)
+
+    monkeypatch.setattr(runner, "read_request", flaky)
+    d = Daemon(cfg, lambda model: FakeEngine(model, cfg.engine.fake))
+    d.spool.ensure_layout()
+    ids = [f"r{i}" for i in range(300)]
+    write_jsonl(d.spool.incoming / "flaky.jsonl", [chat(i) for i in ids])
+    assert d.run(drain=True) == 0
+    assert failed == [120]
+    (job,) = job_dirs(cfg.spool_dir, "done")
+    assert_exactly_once(job, ids)
+    st = json.loads((job / "state.json").read_text())
+    assert st["request_counts"] == {"total": 300, "completed": 300, "failed": 0}
