@@ -57,7 +57,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     code = 0
     for name in args.files:
         try:
-            print(spool.incoming / submit_file(spool, Path(name)))
+            print(submit_file(spool, Path(name)))  # SPEC: the names, in incoming/
         except (SubmitError, OSError) as e:
             print(f"spoold submit: {e}", file=sys.stderr)
             code = 1

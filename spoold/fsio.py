@@ -5,6 +5,7 @@ Every step that must survive a crash is visible here, in order (see docs/design.
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -71,9 +72,17 @@ def publish(src: Path, dst: Path) -> None:
     """Give a finished temp file its final name without ever replacing an existing file.
 
     link + unlink rather than rename: rename would silently overwrite `dst`.
-    Raises FileExistsError when `dst` exists.
+    Raises FileExistsError when `dst` exists. Where the filesystem has no hard
+    links (SMB/CIFS, vfat, some FUSE mounts: EPERM or ENOTSUP), `move`: it checks
+    that `dst` does not exist first, a check a file appearing in between defeats.
     """
-    os.link(src, dst)
+    try:
+        os.link(src, dst)
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise
+        move(src, dst)
+        return
     os.unlink(src)
     fsync_dir(dst.parent)
 

@@ -26,8 +26,8 @@ def test_submit_copies_under_temp_name_and_never_overwrites(tmp_path: Path) -> N
     first = run_spoold("submit", "--config", str(cfg), str(src), check=True)
     second = run_spoold("submit", "--config", str(cfg), str(src), check=True)
     incoming = tmp_path / "spool" / "incoming"
-    assert first.stdout.strip() == str(incoming / "batch.jsonl")
-    assert second.stdout.strip() == str(incoming / "batch-1.jsonl")
+    assert first.stdout.strip() == "batch.jsonl"  # the names in incoming/
+    assert second.stdout.strip() == "batch-1.jsonl"
     assert sorted(p.name for p in incoming.iterdir()) == ["batch-1.jsonl", "batch.jsonl"]
     assert (incoming / "batch.jsonl").read_bytes() == src.read_bytes()
 

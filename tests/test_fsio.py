@@ -1,3 +1,4 @@
+import errno
 import os
 from pathlib import Path
 
@@ -33,12 +34,23 @@ def test_move_never_replaces(tmp_path: Path) -> None:
     assert (tmp_path / "c").is_dir() and not (tmp_path / "a").exists()
 
 
-def test_publish_never_replaces(tmp_path: Path) -> None:
+@pytest.mark.parametrize("no_links", [False, True])
+def test_publish_never_replaces_even_without_hard_links(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_links: bool
+) -> None:
+    if no_links:  # what link() says on SMB/CIFS or vfat
+
+        def refuse(*_: object) -> None:
+            raise PermissionError(errno.EPERM, "Operation not permitted")
+
+        monkeypatch.setattr(os, "link", refuse)
     tmp = fsio.write_temp(tmp_path, "x.jsonl", [b"new"])
     (tmp_path / "x.jsonl").write_bytes(b"old")
     with pytest.raises(FileExistsError):
         fsio.publish(tmp, tmp_path / "x.jsonl")
     assert (tmp_path / "x.jsonl").read_bytes() == b"old"
+    fsio.publish(tmp, tmp_path / "y.jsonl")
+    assert (tmp_path / "y.jsonl").read_bytes() == b"new" and not tmp.exists()
 
 
 def test_append_log_truncates_uncommitted_tail(tmp_path: Path) -> None:
