@@ -6,6 +6,7 @@ Signal handlers only set a flag; the loop checks it between steps.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import signal
@@ -192,6 +193,9 @@ class Daemon:
         names = {e.name for e in entries}
         self.settle.prune(names)
         self._counts = {k: v for k, v in self._counts.items() if k in names}
+        if self._unmovable - names:  # gone or renamed: no longer a problem
+            self._unmovable &= names
+            self.heartbeat.set(problems=sorted(self._unmovable))
         load: QueueLoad | None = None
         now = self.clock()
         for entry in entries:
@@ -238,7 +242,17 @@ class Daemon:
                     e.name for e in entries[entries.index(entry) :] if e.kind is Kind.JOB
                 )
                 break
-            job_id = self.spool.claim(entry, total, nbytes)
+            try:
+                job_id = self.spool.claim(entry, total, nbytes)
+            except OSError as e:
+                hint = ""
+                if e.errno == errno.EXDEV:
+                    hint = (
+                        ": incoming/ and processing/ are on different filesystems; "
+                        "keep the whole spool on one filesystem"
+                    )
+                self._report_unmovable(entry, f"cannot claim {entry.name}{hint}", e)
+                continue
             if job_id is not None:
                 log.info("job claimed", job_id=job_id, source=entry.name, requests=total)
                 report.claimed.append(job_id)
@@ -264,18 +278,21 @@ class Daemon:
         try:
             job_id = self.spool.reject(entry, reason, total)
         except OSError as e:
-            if entry.name not in self._unmovable:
-                self._unmovable.add(entry.name)
-                log.error(
-                    "cannot move entry out of incoming/",
-                    entry=entry.name,
-                    reason=reason,
-                    error=str(e),
-                )
-                self.heartbeat.set(problems=sorted(self._unmovable))
+            self._report_unmovable(entry, reason, e)
             return
         if job_id is not None:
             log.warning("rejected", job_id=job_id, source=entry.name, reason=reason)
+
+    def _report_unmovable(self, entry: Entry, reason: str, error: OSError) -> None:
+        """An entry we cannot move out of incoming/: said once (log, heartbeat's
+        `problems`, so spool-status shows it), then left alone until it changes name."""
+        if entry.name in self._unmovable:
+            return
+        self._unmovable.add(entry.name)
+        log.error(
+            "cannot move entry out of incoming/", entry=entry.name, reason=reason, error=str(error)
+        )
+        self.heartbeat.set(problems=sorted(self._unmovable))
 
     def _write_metrics(self, beat: dict[str, Any]) -> None:
         assert self.metrics is not None

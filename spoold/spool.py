@@ -218,6 +218,9 @@ class Spool:
         except FileNotFoundError:
             fsio.remove_tree(staging)
             return None
+        except OSError:  # EXDEV, EACCES, …: the entry stays where it is, untouched
+            fsio.remove_tree(staging)
+            raise
         fsio.move(staging, base / state.id)  # step 4
         return state.id
 

@@ -186,6 +186,31 @@ def test_enospc_mid_job_never_corrupts_it(tmp_path: Path) -> None:
         subprocess.run(["umount", "-l", str(mnt)])
 
 
+@needs_mount
+def test_a_file_that_cannot_be_claimed_is_reported_and_the_daemon_goes_on(
+    tmp_path: Path,
+) -> None:
+    """incoming/ on its own filesystem: rename into processing/ fails with EXDEV. The
+    file stays in incoming/ untouched, the problem is said once (log, heartbeat), and
+    the daemon neither dies nor copies."""
+    cfg = parse_config({"spool_dir": str(tmp_path / "spool"), "watch": {"settle_seconds": 0}})
+    d = Daemon(cfg, lambda model: FakeEngine(model, cfg.engine.fake))
+    d.spool.ensure_layout()
+    if subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(d.spool.incoming)]).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        src = write_jsonl(d.spool.incoming / "elsewhere.jsonl", [chat("a"), chat("b")])
+        data = src.read_bytes()
+        assert d.run(drain=True) == 0
+        assert src.read_bytes() == data
+        assert job_dirs(cfg.spool_dir, "processing") == []
+        assert [p.name for p in d.spool.processing.iterdir()] == []  # no staging left
+        beat = json.loads(cfg.heartbeat_path.read_text())
+        assert beat["problems"] == ["elsewhere.jsonl"]
+    finally:
+        subprocess.run(["umount", "-l", str(d.spool.incoming)])
+
+
 def test_real_nvml_reader_where_a_gpu_exists() -> None:
     reader = open_nvml()
     if reader is None:
