@@ -29,6 +29,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from spoold.logs import setup_logging
 
     cfg = _load(args)
+    if cfg.engine.backend == "vllm":
+        from spoold.engines.vllm import check_engine_args
+
+        check_engine_args(cfg.engine)
     setup_logging(cfg.logging.format, cfg.logging.level)
     from spoold.gpu import open_nvml
 

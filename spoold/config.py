@@ -194,8 +194,11 @@ def _build(cls: type[Any], raw: Any, prefix: str) -> Any:
     for key in raw:
         if key not in names:
             dotted = f"{prefix}.{key}" if prefix else str(key)
+            also = ""
+            if prefix == "engine":
+                also = "; with engine.backend: vllm, any vLLM engine argument may be set here"
             raise ConfigError(
-                f"unknown key {dotted!r} (known keys in {where}: {', '.join(sorted(names))})"
+                f"unknown key {dotted!r} (known keys in {where}: {', '.join(sorted(names))}{also})"
             )
     values = {}
     for name in names:
@@ -229,10 +232,28 @@ def _check_relations(cfg: Config) -> None:
         )
 
 
+def _split_engine_args(raw: Any) -> tuple[Any, dict[str, Any]]:
+    """With `engine.backend: vllm`, keys under `engine` that are not spoold's own are
+    vLLM engine arguments (SPEC §6): (raw without them, them)."""
+    engine = raw.get("engine") if isinstance(raw, dict) else None
+    if not isinstance(engine, dict) or engine.get("backend") != "vllm":
+        return raw, {}
+    own = {f.name for f in dataclasses.fields(EngineConfig)}
+    direct = {str(k): v for k, v in engine.items() if k not in own}
+    kept = {k: v for k, v in engine.items() if k in own}
+    return {**raw, "engine": kept}, direct
+
+
 def parse_config(raw: Any, source: str = "<config>") -> Config:
     """Build a Config from parsed YAML; raises ConfigError naming `source` and the key."""
     try:
+        raw, direct = _split_engine_args(raw)
         cfg: Config = _build(Config, raw, "")
+        for key in direct.keys() & cfg.engine.extra_args.keys():
+            raise ConfigError(
+                f"engine.{key}: set both under engine and under engine.extra_args; set it once"
+            )
+        cfg.engine.extra_args = {**direct, **cfg.engine.extra_args}
         _check_relations(cfg)
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None

@@ -51,6 +51,28 @@ def test_bad_key_or_value_names_the_key(raw: dict[str, object], key: str) -> Non
     assert "my.yaml" in str(err.value)
 
 
+def test_vllm_engine_arguments_go_directly_under_engine() -> None:
+    """SPEC §6: 'the engine arguments as keys under engine (…, dtype, …)'."""
+    cfg = parse_config(
+        {
+            "engine": {
+                "backend": "vllm",
+                "model": "m",
+                "dtype": "float16",
+                "enforce_eager": True,
+                "extra_args": {"seed": 1},
+            }
+        }
+    )
+    assert cfg.engine.dtype == "float16"
+    assert cfg.engine.extra_args == {"enforce_eager": True, "seed": 1}
+    with pytest.raises(ConfigError, match=r"engine\.seed: set both"):
+        parse_config({"engine": {"backend": "vllm", "seed": 1, "extra_args": {"seed": 2}}})
+    # The fake engine takes no engine arguments: a key there is a typo, said so.
+    with pytest.raises(ConfigError, match=r"'engine\.enforce_eager'.*engine\.backend: vllm"):
+        parse_config({"engine": {"enforce_eager": True}})
+
+
 def test_not_a_mapping_and_bad_yaml(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
     path.write_text("- a\n- b\n")

