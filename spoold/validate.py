@@ -62,6 +62,10 @@ class LineError:
 _NUM = (int, float)
 
 
+def _int_list(v: Any) -> bool:
+    return type(v) is list and all(type(i) is int for i in v)
+
+
 def _str_or_str_list(v: Any) -> bool:
     return type(v) is str or (type(v) is list and len(v) <= 16 and all(type(s) is str for s in v))
 
@@ -112,6 +116,21 @@ _FIELD_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "ignore_eos": (lambda v: type(v) is bool, "a boolean"),
     "min_tokens": (lambda v: type(v) is int and v >= 0, "an integer >= 0"),
     "skip_special_tokens": (lambda v: type(v) is bool, "a boolean"),
+    # vLLM's own sampling extras (what `vllm serve` accepts beside OpenAI's fields).
+    "logit_bias": (
+        lambda v: v is None or (type(v) is dict and all(type(b) in _NUM for b in v.values())),
+        "an object of token id → bias",
+    ),
+    "stop_token_ids": (lambda v: v is None or _int_list(v), "a list of token ids"),
+    "allowed_token_ids": (lambda v: v is None or _int_list(v), "a list of token ids"),
+    "bad_words": (lambda v: v is None or _str_or_str_list(v), "a list of strings"),
+    "include_stop_str_in_output": (lambda v: type(v) is bool, "a boolean"),
+    "spaces_between_special_tokens": (lambda v: type(v) is bool, "a boolean"),
+    "truncate_prompt_tokens": (
+        lambda v: v is None or (type(v) is int and v >= -1),
+        "-1 or an integer >= 0",
+    ),
+    "structured_outputs": (lambda v: v is None or type(v) is dict, "an object"),
 }
 # Accepted and ignored: they do not change what the engine computes.
 _HARMLESS = {"user", "metadata", "store", "service_tier", "stream_options"}

@@ -111,6 +111,29 @@ def test_harmless_fields_are_accepted() -> None:
     assert isinstance(parse_line(line(chat("x", user="u", metadata={"a": 1})), 1), Request)
 
 
+def test_vllm_sampling_extras_are_accepted_and_checked() -> None:
+    """SPEC §4: '… and what else vLLM supports' map onto SamplingParams."""
+    ok = chat(
+        "x",
+        logit_bias={"42": -100},
+        stop_token_ids=[2],
+        allowed_token_ids=[1, 2, 3],
+        bad_words=["darn"],
+        include_stop_str_in_output=True,
+        spaces_between_special_tokens=False,
+        truncate_prompt_tokens=100,
+    )
+    assert isinstance(parse_line(line(ok), 1), Request)
+    for bad, key in [
+        (chat("x", stop_token_ids=["2"]), "body.stop_token_ids"),
+        (chat("x", logit_bias={"42": "lots"}), "body.logit_bias"),
+        (chat("x", prompt_logprobs=1), "body.prompt_logprobs"),  # no place in the output
+        (chat("x", chat_template_kwargs={}), "body.chat_template_kwargs"),
+    ]:
+        err = parse_line(line(bad), 1)
+        assert isinstance(err, LineError) and key in err.message, (key, err)
+
+
 def test_scan_file_catches_duplicates_and_long_lines() -> None:
     data = (
         line(chat("a"))
