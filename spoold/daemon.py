@@ -87,6 +87,8 @@ class Daemon:
         self.poll_s = 5.0  # how often a throttled daemon looks again
         self._drain = False
         self._next_admit = 0.0  # when a running job's progress may admit files next
+        # recover() has just done it at start-up.
+        self._next_take_over = clock() + cfg.heartbeat.stale_after_s / 2
 
     # -- life cycle ---------------------------------------------------------------
 
@@ -142,6 +144,7 @@ class Daemon:
         try:
             while not self.stop_requested.is_set():
                 self.notifier.watchdog()
+                self._take_over_dead_peers()
                 report = self.admit()
                 if self.run_next_job():
                     continue
@@ -160,6 +163,19 @@ class Daemon:
             self.shutdown()
         return code
 
+    def _take_over_dead_peers(self) -> None:
+        """Peers die while we run: their half-done claims and unmoved finished jobs
+        are repaired here too, not only at our next start (about every
+        heartbeat.stale_after_s / 2; their unfinished jobs are taken over by acquire)."""
+        now = self.clock()
+        if now < self._next_take_over:
+            return
+        self._next_take_over = now + self.cfg.heartbeat.stale_after_s / 2
+        try:
+            self.spool.take_over(self.cfg.heartbeat.stale_after_s)
+        except OSError as e:  # a peer moved something meanwhile: next time
+            log.warning("cannot repair a dead peer's leftovers yet", error=str(e))
+
     def shutdown(self) -> None:
         self.notifier.stopping()
         self.heartbeat.stop("stopping")
@@ -174,7 +190,7 @@ class Daemon:
         self.notifier.status(f"idle; {waiting} file(s) waiting for room" if waiting else "idle")
         now = self.clock()
         waits = [self.settle.wait_left(e, now) for e in report.settling]
-        timeout = min([*waits, self._max_idle_s])
+        timeout = min([*waits, self._max_idle_s, self._next_take_over - now])
         self.wake.wait(max(0.05, timeout))
         self.wake.clear()
 

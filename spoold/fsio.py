@@ -136,11 +136,12 @@ def remove_tree(path: Path) -> None:
     fsync_dir(path.parent)
 
 
-def remove_stray_temps(directory: Path) -> list[Path]:
-    """Delete temp files left by an interrupted atomic_write in `directory`."""
+def remove_stray_temps(directory: Path, prefix: str = ".") -> list[Path]:
+    """Delete temp files left by an interrupted atomic_write in `directory` (those whose
+    names start with `prefix`)."""
     removed = []
     for entry in directory.iterdir():
-        if entry.name.startswith(".") and entry.name.endswith(TMP_SUFFIX) and entry.is_file():
+        if entry.name.startswith(prefix) and entry.name.endswith(TMP_SUFFIX) and entry.is_file():
             entry.unlink()
             removed.append(entry)
     if removed:

@@ -318,15 +318,33 @@ class Spool:
     def recover(self, stale_after_s: float) -> None:
         """Turn whatever a crash left into a correct state, before any new work."""
         self.ensure_layout()
-        for base in (self.processing, self.done, self.failed, self.heartbeats):
+        for base in (self.processing, self.done, self.failed):
             fsio.remove_stray_temps(base)
-        for d in self.job_dirs():
-            fsio.remove_stray_temps(d)
+        # heartbeats/ is shared: only this instance's own temp files are ours.
+        fsio.remove_stray_temps(self.heartbeats, prefix=f".{self.instance}.json.")
+        self.take_over(stale_after_s)
+
+    def _ours_to_repair(self, job_dir: Path, stale_after_s: float) -> bool:
+        """A job whose leftovers we may clean: ours (a previous life at start-up),
+        a stale peer's, or nobody's (queued, never acquired)."""
+        owner = self.owner_of(job_dir)
+        if owner is None:
+            return not (job_dir / OWNER).exists()  # half-written: acquire() judges it
+        return owner == self.instance or self.instance_is_stale(owner, stale_after_s)
+
+    def take_over(self, stale_after_s: float) -> None:
+        """Repair what a crashed daemon left: at start-up (our own previous life, and
+        stale peers), and while running (peers that died since). Never touches a live
+        peer's jobs, staging dirs or temp files. Must not run while this daemon is in
+        the middle of a job: it would count its own temp files as leftovers."""
         for base, prefix in ((self.processing, CLAIM_PREFIX), (self.failed, REJECT_PREFIX)):
             for staging in base.iterdir():
                 if staging.name.startswith(prefix):
                     self._recover_staging(staging, prefix, stale_after_s)
         for d in self.job_dirs():
+            if not self._ours_to_repair(d, stale_after_s):
+                continue
+            fsio.remove_stray_temps(d)
             try:
                 state = load_state(d)
             except FileNotFoundError:
@@ -336,7 +354,10 @@ class Spool:
                 continue
             if state.status in TERMINAL:  # C9: terminal state written, move not done
                 log.info("finishing interrupted move", job_id=state.id, status=state.status)
-                self.finish(d, state)
+                try:
+                    self.finish(d, state)
+                except FileNotFoundError:
+                    continue  # another daemon finished it first
 
     def _recover_staging(self, staging: Path, prefix: str, stale_after_s: float) -> None:
         rest = staging.name[len(prefix) :]

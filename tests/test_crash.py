@@ -670,3 +670,79 @@ def test_resume_keeps_committed_bytes_and_redoes_at_most_one_chunk(tmp_path: Pat
     for run, prefix in enumerate(prefixes, 1):
         assert prefix, f"run {run} committed nothing"
         assert out.startswith(prefix), f"lines committed by run {run} were rewritten"
+
+
+# -- 4. several daemons: a live peer's files are left alone, a dead peer's repaired ---
+
+
+def _peer_heartbeat(spool: Path, instance: str, age_s: float) -> None:
+    """A peer's heartbeat file, last written `age_s` seconds ago."""
+    beats = spool / "heartbeats"
+    beats.mkdir(parents=True, exist_ok=True)
+    when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - age_s))
+    beat = {"instance": instance, "pid": 1, "hostname": "peer", "status": "processing"}
+    (beats / f"{instance}.json").write_text(json.dumps({**beat, "updated_at": when}))
+
+
+def test_start_up_recovery_leaves_a_live_peers_temp_files_alone(tmp_path: Path) -> None:
+    """A daemon starting beside a live one must not delete the temp files of the peer's
+    atomic writes (its state.json, its heartbeat) or its duplicate-id buckets: the
+    peer's rename would fail under it."""
+    cfg = make_config(tmp_path)
+    spool = tmp_path / "spool"
+    _peer_heartbeat(spool, "gpu1", age_s=0)
+    job_id = new_job_id("theirs.jsonl")
+    job = spool / "processing" / job_id
+    content = write_jsonl(tmp_path / "theirs.jsonl", _requests("t", 5)).read_bytes()
+    _stage_job_dir(job, "theirs.jsonl", content, job_id, status="running")
+    (job / "owner.json").write_text(json.dumps({"instance": "gpu1", "pid": 1}))
+    theirs = [job / ".state.json.abcd.tmp", job / ".ids-1-0.tmp"]
+    theirs.append(spool / "heartbeats" / ".gpu1.json.beef.tmp")
+    for p in theirs:
+        p.write_text("{")
+    ours = spool / "heartbeats" / ".default.json.0bad.tmp"
+    ours.write_text("{")
+
+    drain(cfg)
+    assert all(p.exists() for p in theirs), [p for p in theirs if not p.exists()]
+    assert not ours.exists()
+    assert state(job)["status"] == "running"  # still the peer's: not run, not moved
+
+
+def test_a_running_daemon_finishes_a_dead_peers_claim_without_a_restart(
+    tmp_path: Path,
+) -> None:
+    """C3 left by a peer that died after our start: the peer's heartbeat goes stale,
+    and the running daemon finishes the claim and runs the job (SPEC §3: the others
+    take over its unfinished work), as well as a job the peer finished but never
+    moved (C9)."""
+    cfg = make_config(tmp_path, heartbeat={"interval_s": 0.2, "stale_after_s": 1})
+    spool = tmp_path / "spool"
+    log = tmp_path / "daemon.log"
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(
+            [*SPOOLD, "run", "--config", str(cfg)], stdout=out, stderr=subprocess.STDOUT, env=_env()
+        )
+    try:
+        _wait_for_heartbeat_of(spool, proc)
+        _peer_heartbeat(spool, "gpu1", age_s=30)  # it died a while ago
+        recs = _requests("p", 20)
+        src = write_jsonl(tmp_path / "peer.jsonl", recs)
+        job_id = new_job_id("peer.jsonl")
+        _stage_job_dir(
+            spool / "processing" / f".claim-gpu1+{job_id}", "peer.jsonl", src.read_bytes(), job_id
+        )
+        c9_id = new_job_id("finished.jsonl")
+        c9 = spool / "processing" / c9_id
+        _stage_job_dir(c9, "finished.jsonl", src.read_bytes(), c9_id, status="completed")
+        (c9 / "owner.json").write_text(json.dumps({"instance": "gpu1", "pid": 1}))
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and len(job_dirs(spool, "done")) < 2:
+            assert proc.poll() is None, log.read_text()[-2000:]
+            time.sleep(0.1)
+        assert sorted(d.name for d in job_dirs(spool, "done")) == sorted([job_id, c9_id])
+        assert_exactly_once(spool / "done" / job_id, _ids(recs))
+        assert list((spool / "processing").iterdir()) == []
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
