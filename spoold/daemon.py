@@ -10,6 +10,7 @@ import errno
 import os
 import shutil
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -20,10 +21,10 @@ from typing import Any
 
 import structlog
 
-from spoold.config import Config
+from spoold.config import Config, ConfigError
 from spoold.engines.base import Engine, EngineFatal
 from spoold.gpu import GpuGuard, GpuReader
-from spoold.heartbeat import Heartbeat
+from spoold.heartbeat import Heartbeat, beat_age, read_heartbeat
 from spoold.job import CANCELLED, INPUT, QUEUED, RUNNING, TERMINAL, JobState
 from spoold.metrics import MetricsWriter
 from spoold.notify import Notifier
@@ -44,6 +45,18 @@ class AdmitReport:
     claimed: list[str] = field(default_factory=list)
     waiting: list[str] = field(default_factory=list)  # settled, held back by queue limits
     settling: list[Entry] = field(default_factory=list)
+
+
+def _pid_alive(pid: object) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, someone else's
+    return True
 
 
 class _Stopping(Exception):
@@ -127,6 +140,7 @@ class Daemon:
     def run(self, drain: bool = False) -> int:
         """recover → (admit → run one job)* until stopped (or drained). The exit code."""
         self._drain = drain
+        self._check_instance_free()
         self.spool.recover(self.cfg.heartbeat.stale_after_s)
         self.heartbeat.start()
         watcher = None
@@ -175,6 +189,26 @@ class Daemon:
             self.spool.take_over(self.cfg.heartbeat.stale_after_s)
         except OSError as e:  # a peer moved something meanwhile: next time
             log.warning("cannot repair a dead peer's leftovers yet", error=str(e))
+
+    def _check_instance_free(self) -> None:
+        """One live daemon per instance name: the instance is who owns jobs, staging
+        dirs and the heartbeat file, so two would take each other's work for their
+        own. A previous life of this daemon (same host, its pid gone), a clean stop
+        or a stale heartbeat are fine."""
+        beat = read_heartbeat(self.cfg.heartbeat_path)
+        if beat is None or beat.get("status") == "stopping":
+            return
+        age = beat_age(beat, time.time())
+        if age is None or age > self.cfg.heartbeat.stale_after_s:
+            return
+        pid, host = beat.get("pid"), beat.get("hostname")
+        if host == socket.gethostname() and (pid == os.getpid() or not _pid_alive(pid)):
+            return
+        raise ConfigError(
+            f"instance {self.cfg.instance!r}: another spoold runs as this instance (pid {pid} "
+            f"on {host}, heartbeat {age:.0f} s old): give each daemon on a spool its own "
+            "instance (config key instance, or --instance)"
+        )
 
     def shutdown(self) -> None:
         self.notifier.stopping()

@@ -333,3 +333,69 @@ def test_systemd_notify_protocol(tmp_path: Path, daemons: list[Daemon]) -> None:
         i for i, f in enumerate(fields) if f == "WATCHDOG"
     )
     assert any("processing" in m for m in messages), messages
+
+
+def test_a_second_daemon_with_the_same_instance_refuses_to_start(
+    tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    """The instance name owns jobs and the heartbeat file: two live daemons under one
+    name would take each other's work. The second says so and exits 2 (a config
+    problem: give it its own instance); the first goes on."""
+    cfg = make_config(tmp_path)
+    first = start(daemons, cfg)
+    proc = run_spoold("run", "--config", str(cfg), timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert "instance 'default'" in proc.stderr and f"pid {first.proc.pid}" in proc.stderr
+    assert first.proc.poll() is None
+    # Under its own instance name it runs beside the first.
+    second = run_spoold("run", "--config", str(cfg), "--instance", "gpu1", "--drain", timeout=60)
+    assert second.returncode == 0, second.stderr
+
+
+def test_two_daemons_share_a_spool_and_one_takes_over_when_the_other_dies(
+    tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    """SPEC §3, several daemons: every job is run by one daemon at a time, both take
+    work, and when one is SIGKILLed the other takes over its job once its heartbeat
+    is stale; every request ends up exactly once."""
+    spool = tmp_path / "spool"
+    common: dict[str, Any] = {
+        "spool_dir": str(spool),
+        "heartbeat": {"interval_s": 0.2, "stale_after_s": 1.5},
+        "processing": {"chunk_size": 50},
+        "engine": {"backend": "fake", "fake": {"delay_per_request_s": 0.004, "batch_size": 10}},
+    }
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+    cfgs = {name: make_config(tmp_path / name, instance=name, **common) for name in ("a", "b")}
+    (spool / "incoming").mkdir(parents=True, exist_ok=True)
+    files = {f"f{i}": [chat(f"f{i}-{k}") for k in range(300)] for i in range(6)}
+    for name, recs in files.items():
+        write_jsonl(spool / "incoming" / f"{name}.jsonl", recs)
+    a, b = (Daemon(cfgs[n]) for n in ("a", "b"))
+    daemons += [a, b]
+
+    def running_by(instance: str) -> Path | None:
+        for j in job_dirs(spool, "processing"):
+            st = state(j)
+            if st["status"] == "running" and st.get("instance") == instance:
+                return j
+        return None
+
+    victim = wait_for(lambda: running_by("b"), what="b to run a job")
+    a_job = wait_for(lambda: running_by("a"), what="a to run a job")
+    assert victim != a_job
+    b.kill()  # mid-job: its job must be taken over by a
+    jobs = wait_for(
+        lambda: len(job_dirs(spool, "done")) == len(files) and job_dirs(spool, "done"),
+        timeout=90,
+        what="every job done",
+    )
+    assert a.proc.poll() is None
+    for job in jobs:
+        st = state(job)
+        name = st["source_name"].removesuffix(".jsonl")
+        assert st["request_counts"] == {"total": 300, "completed": 300, "failed": 0}
+        assert_exactly_once(job, [r["custom_id"] for r in files[name]])
+    taken_over = state(spool / "done" / victim.name)
+    assert taken_over["instance"] == "a" and taken_over["attempts"] == 0
