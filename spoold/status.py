@@ -268,7 +268,9 @@ def _config(args: argparse.Namespace) -> Config:
         cfg = Config()
     else:
         path = resolve_config_path(args.config)
-        cfg = load_config(path) if (args.config or path.exists()) else Config()
+        named = args.config or os.environ.get("SPOOLD_CONFIG")
+        # A config that was named must exist; the default one may be absent (defaults).
+        cfg = load_config(path) if (named or path.exists()) else Config()
     if args.spool:
         cfg.spool_dir = Path(args.spool)
     return cfg

@@ -2,6 +2,7 @@
 
 import json
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -141,3 +142,19 @@ def test_cancel_queued_job(tmp_path: Path) -> None:
     drain(cfg)
     st = state(spool / "failed" / job_id)
     assert st["status"] == "cancelled" and st["request_counts"]["completed"] == 0
+
+
+def test_spool_status_with_a_missing_named_config_says_so(tmp_path: Path) -> None:
+    """$SPOOLD_CONFIG naming a file that is not there is an error naming it (exit 3,
+    unknown), not a silent look at the default spool."""
+    missing = tmp_path / "nope.yaml"
+    exe = str(Path(sys.executable).parent / "spool-status")
+    proc = subprocess.run(
+        [exe],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**_env(), "SPOOLD_CONFIG": str(missing)},
+    )
+    assert proc.returncode == 3, proc.stdout
+    assert str(missing) in proc.stderr and "not found" in proc.stderr
