@@ -96,7 +96,7 @@ class Daemon:
         self.metrics: MetricsWriter | None = None
         if cfg.metrics.textfile:
             self.metrics = MetricsWriter(Path(cfg.metrics.textfile), cfg.spool_dir, cfg.instance)
-            self.heartbeat.on_beat = self._write_metrics
+        self.heartbeat.on_beat = self._on_beat
         self.poll_s = 5.0  # how often a throttled daemon looks again
         self._drain = False
         self._next_admit = 0.0  # when a running job's progress may admit files next
@@ -344,8 +344,14 @@ class Daemon:
         )
         self.heartbeat.set(problems=sorted(self._unmovable))
 
-    def _write_metrics(self, beat: dict[str, Any]) -> None:
-        assert self.metrics is not None
+    def _on_beat(self, beat: dict[str, Any]) -> None:
+        """After each heartbeat (its own thread): metrics, and the watchdog while a model
+        loads. Loading a big model outlasts WatchdogSec, and nothing else pings then;
+        the beats prove the process is alive meanwhile."""
+        if beat.get("status") == "loading_model":
+            self.notifier.watchdog()
+        if self.metrics is None:
+            return
         try:
             self.metrics.write(beat)
         except OSError as e:  # a metrics file is never a reason to stop working

@@ -399,3 +399,47 @@ def test_two_daemons_share_a_spool_and_one_takes_over_when_the_other_dies(
         assert_exactly_once(job, [r["custom_id"] for r in files[name]])
     taken_over = state(spool / "done" / victim.name)
     assert taken_over["instance"] == "a" and taken_over["attempts"] == 0
+
+
+def test_the_watchdog_is_pinged_while_a_slow_model_loads(tmp_path: Path) -> None:
+    """A model load takes minutes on a big model, longer than WatchdogSec: the
+    heartbeat thread pings the watchdog meanwhile, or systemd would kill every load."""
+    from spoold.config import parse_config
+    from spoold.daemon import Daemon as InProcess
+    from spoold.engines.fake import FakeEngine
+    from spoold.notify import Notifier
+
+    sock_path = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(sock_path))
+    sock.settimeout(0.2)
+    cfg = parse_config(
+        {
+            "spool_dir": str(tmp_path / "spool"),
+            "watch": {"settle_seconds": 0},
+            "heartbeat": {"interval_s": 0.1, "stale_after_s": 5},
+        }
+    )
+
+    def slow_load(model: str) -> FakeEngine:
+        time.sleep(3.0)
+        return FakeEngine(model, cfg.engine.fake)
+
+    d = InProcess(cfg, slow_load)
+    d.notifier = Notifier(str(sock_path))
+    d.spool.ensure_layout()
+    write_jsonl(d.spool.incoming / "a.jsonl", [chat("a")])
+    try:
+        assert d.run(drain=True) == 0
+        messages: list[str] = []
+        while True:
+            try:
+                messages.append(sock.recv(4096).decode())
+            except TimeoutError:
+                break
+    finally:
+        sock.close()
+    start = next(i for i, m in enumerate(messages) if "STATUS=loading model" in m)
+    end = next(i for i, m in enumerate(messages) if i > start and "STATUS=processing" in m)
+    pings = [m for m in messages[start:end] if m == "WATCHDOG=1"]
+    assert len(pings) >= 2, messages[start : end + 1]
