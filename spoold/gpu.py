@@ -7,6 +7,7 @@ Without NVML (no driver, no GPU) there is no reader: readings are null, nothing 
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
@@ -27,28 +28,61 @@ class GpuReading:
     name: str | None = None
 
 
+def _text(value: Any) -> str:
+    """NVML strings are bytes in older bindings, str in newer ones."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 class GpuReader(Protocol):
     def read(self) -> list[GpuReading]: ...
 
     def close(self) -> None: ...
 
 
+def visible_devices(spec: str | None, uuids: list[str]) -> list[int]:
+    """The NVML indices of the GPUs `CUDA_VISIBLE_DEVICES=spec` leaves to this process
+    (`uuids`: every GPU's UUID, by NVML index), read the way CUDA reads it: unset means
+    all; entries are indices or (prefixes of) UUIDs; the list stops at the first entry
+    that names no GPU. NVML itself ignores the variable: without this, a daemon given
+    one GPU (spoold@.service) would throttle on, and report, its neighbours'."""
+    if spec is None:
+        return list(range(len(uuids)))
+    chosen: list[int] = []
+    for raw in spec.split(","):
+        entry = raw.strip()
+        if entry.isdigit():
+            index = int(entry)
+            if index >= len(uuids):
+                break
+        else:
+            matches = [i for i, u in enumerate(uuids) if entry and u.startswith(entry)]
+            if len(matches) != 1:
+                break
+            index = matches[0]
+        if index in chosen:
+            break
+        chosen.append(index)
+    return chosen
+
+
 class NvmlReader:
-    """Readings of every GPU this process can see, from NVIDIA's management library."""
+    """Readings of the GPUs this process may use (CUDA_VISIBLE_DEVICES), from NVIDIA's
+    management library; each reading's `index` is the GPU's NVML (nvidia-smi) index."""
 
     def __init__(self) -> None:
         import pynvml
 
         self._nvml = pynvml
         pynvml.nvmlInit()
-        self._handles = [
-            pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())
-        ]
+        every = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+        uuids = [_text(pynvml.nvmlDeviceGetUUID(h)) for h in every]
+        self._indices = visible_devices(os.environ.get("CUDA_VISIBLE_DEVICES"), uuids)
+        self._handles = [every[i] for i in self._indices]
 
     def read(self) -> list[GpuReading]:
         nvml = self._nvml
         readings = []
-        for index, handle in enumerate(self._handles):
+        for index, handle in zip(self._indices, self._handles, strict=True):
             mem = nvml.nvmlDeviceGetMemoryInfo(handle)
             temp = nvml.nvmlDeviceGetTemperature(handle, nvml.NVML_TEMPERATURE_GPU)
             util = power = None
@@ -65,7 +99,7 @@ class NvmlReader:
                     temperature_c=float(temp),
                     utilization_percent=util,
                     power_w=power,
-                    name=name.decode() if isinstance(name, bytes) else str(name),
+                    name=_text(name),
                 )
             )
         return readings

@@ -17,7 +17,7 @@ import pytest
 from spoold.config import GpuConfig, parse_config
 from spoold.daemon import Daemon
 from spoold.engines.fake import FakeEngine
-from spoold.gpu import GpuGuard, GpuReading, open_nvml
+from spoold.gpu import GpuGuard, GpuReading, open_nvml, visible_devices
 from tests.helpers import (
     assert_exactly_once,
     chat,
@@ -261,3 +261,17 @@ def test_an_input_read_error_mid_run_is_not_taken_for_the_engine(
     assert_exactly_once(job, ids)
     st = json.loads((job / "state.json").read_text())
     assert st["request_counts"] == {"total": 300, "completed": 300, "failed": 0}
+
+
+def test_only_the_gpus_cuda_visible_devices_leaves_are_watched() -> None:
+    """spoold@.service gives each daemon one GPU (CUDA_VISIBLE_DEVICES=%i); NVML ignores
+    the variable, so spoold applies it the way CUDA does."""
+    uuids = ["GPU-aaaa1111-0", "GPU-bbbb2222-1", "GPU-cccc3333-2", "GPU-cccc4444-3"]
+    assert visible_devices(None, uuids) == [0, 1, 2, 3]
+    assert visible_devices("2", uuids) == [2]
+    assert visible_devices("3,1", uuids) == [3, 1]
+    assert visible_devices("GPU-bbbb", uuids) == [1]  # a unique UUID prefix
+    assert visible_devices("1,GPU-cccc,0", uuids) == [1]  # ambiguous: the list stops there
+    assert visible_devices("0,7,1", uuids) == [0]  # no GPU 7: it stops there too
+    assert visible_devices("", uuids) == []
+    assert visible_devices("-1", uuids) == []
