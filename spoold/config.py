@@ -127,6 +127,9 @@ _POSITIVE = {
     "engine.tensor_parallel_size",
     "engine.fake.batch_size",
     "watch.rescan_interval_s",
+    "gpu.max_memory_percent",
+    "gpu.max_temperature_c",
+    "gpu.resume_temperature_c",
 }
 _CHOICES = {
     "engine.backend": ("fake", "vllm"),
@@ -217,6 +220,10 @@ def _build(cls: type[Any], raw: Any, prefix: str) -> Any:
 def _check_relations(cfg: Config) -> None:
     if not 0 < cfg.engine.gpu_memory_utilization <= 1:
         raise ConfigError("engine.gpu_memory_utilization: must be in (0, 1]")
+    if cfg.gpu.max_memory_percent > 100:
+        raise ConfigError("gpu.max_memory_percent: must be at most 100")
+    if cfg.limits.min_free_disk_mb < 0:
+        raise ConfigError("limits.min_free_disk_mb: must not be negative (0 turns the check off)")
     if cfg.gpu.resume_temperature_c > cfg.gpu.max_temperature_c:
         raise ConfigError("gpu.resume_temperature_c: must not exceed gpu.max_temperature_c")
     if cfg.heartbeat.stale_after_s <= cfg.heartbeat.interval_s:
@@ -238,6 +245,11 @@ def _split_engine_args(raw: Any) -> tuple[Any, dict[str, Any]]:
     engine = raw.get("engine") if isinstance(raw, dict) else None
     if not isinstance(engine, dict) or engine.get("backend") != "vllm":
         return raw, {}
+    if "model" not in engine:
+        raise ConfigError(
+            "engine.model: required with engine.backend: vllm (a hub id such as "
+            "Qwen/Qwen2.5-0.5B-Instruct, or a local path)"
+        )
     own = {f.name for f in dataclasses.fields(EngineConfig)}
     direct = {str(k): v for k, v in engine.items() if k not in own}
     kept = {k: v for k, v in engine.items() if k in own}

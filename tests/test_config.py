@@ -42,6 +42,10 @@ def test_nested_values_are_read_and_typed() -> None:
         ({"instance": "gpu/0"}, "instance"),
         ({"heartbeat": {"interval_s": 30, "stale_after_s": 10}}, "heartbeat.stale_after_s"),
         ({"engine": {"models": {"gpt-4": 3}}}, "engine.models.gpt-4"),
+        ({"engine": {"backend": "vllm"}}, "engine.model"),
+        ({"gpu": {"max_memory_percent": 250}}, "gpu.max_memory_percent"),
+        ({"gpu": {"max_temperature_c": -5}}, "gpu.max_temperature_c"),
+        ({"limits": {"min_free_disk_mb": -5}}, "limits.min_free_disk_mb"),
     ],
 )
 def test_bad_key_or_value_names_the_key(raw: dict[str, object], key: str) -> None:
@@ -67,7 +71,9 @@ def test_vllm_engine_arguments_go_directly_under_engine() -> None:
     assert cfg.engine.dtype == "float16"
     assert cfg.engine.extra_args == {"enforce_eager": True, "seed": 1}
     with pytest.raises(ConfigError, match=r"engine\.seed: set both"):
-        parse_config({"engine": {"backend": "vllm", "seed": 1, "extra_args": {"seed": 2}}})
+        parse_config(
+            {"engine": {"backend": "vllm", "model": "m", "seed": 1, "extra_args": {"seed": 2}}}
+        )
     # The fake engine takes no engine arguments: a key there is a typo, said so.
     with pytest.raises(ConfigError, match=r"'engine\.enforce_eager'.*engine\.backend: vllm"):
         parse_config({"engine": {"enforce_eager": True}})
