@@ -37,11 +37,11 @@ from spoold.job import (
 from spoold.spool import Spool
 from spoold.validate import (
     DUPLICATE,
-    MODEL_MISMATCH,
     LineError,
     NotUtf8Error,
     Request,
     iter_lines,
+    model_mismatch,
     read_request,
     scan_file,
 )
@@ -178,6 +178,7 @@ class Runner:
         rejected: list[int] = []
         model = self.engine.model
         runs_here: set[object] = set()  # body.model values seen to map to the job's model
+        mismatched: set[int] = set()  # lines already dead-lettered for their model
         with AppendLog(job_dir / ERRORS, 0) as errors, open(job_dir / INPUT, "rb") as f:
             try:
                 for item in scan_file(f, self.cfg.limits.max_line_bytes, job_dir, expected):
@@ -191,8 +192,11 @@ class Runner:
                             runs_here.add(name)
                             continue
                         item = mismatch
+                        mismatched.add(item.line)
                     elif item.code != DUPLICATE:  # a duplicate replaces a counted line
                         counts.total += 1
+                    elif item.line in mismatched:
+                        continue  # one error line per line: it has its model_mismatch
                     counts.failed += 1
                     rejected.append(item.line)
                     errors.append(
@@ -224,16 +228,7 @@ class Runner:
     def _check_model(self, request: Request, job_model: str) -> LineError | None:
         """A job runs on one model; a line whose body.model maps to another is an error."""
         wanted = self.cfg.engine.resolve_model(request.body.get("model"))
-        if wanted == job_model:
-            return None
-        return LineError(
-            request.line,
-            request.custom_id,
-            MODEL_MISMATCH,
-            f"line {request.line}: body.model {request.body.get('model')!r} runs on "
-            f"{wanted!r}, but this job runs on {job_model!r} (set by its first request): "
-            "submit requests for another model in a separate file",
-        )
+        return None if wanted == job_model else model_mismatch(request, wanted, job_model)
 
     # -- running (design §5) ---------------------------------------------------------
 

@@ -256,6 +256,18 @@ def parse_line(raw: bytes, line: int) -> Request | LineError | None:
     return Request(line, custom_id, url, obj["body"])
 
 
+def model_mismatch(request: Request, wanted: str, job_model: str) -> LineError:
+    """The error of a line whose body.model runs on `wanted`, in a job on `job_model`."""
+    return LineError(
+        request.line,
+        request.custom_id,
+        MODEL_MISMATCH,
+        f"line {request.line}: body.model {request.body.get('model')!r} runs on "
+        f"{wanted!r}, but this job runs on {job_model!r} (set by its first request): "
+        "submit requests for another model in a separate file",
+    )
+
+
 def duplicate_error(line: int, custom_id: str, first_line: int) -> LineError:
     return LineError(
         line,

@@ -59,6 +59,27 @@ def test_validate_prints_every_problem_and_submits_nothing(tmp_path: Path) -> No
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+def test_validate_reports_lines_for_another_model_as_the_daemon_would(tmp_path: Path) -> None:
+    """A job runs on its first request's model: validate says which lines would be
+    dead-lettered as model_mismatch, and the daemon does dead-letter exactly those."""
+    cfg = make_config(
+        tmp_path, engine={"backend": "fake", "model": "small", "models": {"big-alias": "big"}}
+    )
+    reqs = [chat("a"), chat("b", model="big-alias"), chat("c"), chat("b", model="big-alias")]
+    f = write_jsonl(tmp_path / "two-models.jsonl", reqs)
+    proc = run_spoold("validate", "--config", str(cfg), str(f))
+    assert proc.returncode == 1
+    assert "line 2: body.model 'big-alias' runs on 'big'" in proc.stdout, proc.stdout
+    assert "4 requests, 2 valid, 2 problem(s)" in proc.stdout, proc.stdout
+    run_spoold("submit", "--config", str(cfg), str(f), check=True)
+    drain(cfg)
+    job = only_job(tmp_path / "spool", "done")
+    errors = [(e["custom_id"], e["error"]["code"]) for e in read_results(job, "errors.jsonl")]
+    # Line 4 repeats custom_id "b" too, but it gets one error line: its model's.
+    assert errors == [("b", "model_mismatch"), ("b", "model_mismatch")]
+    assert state(job)["request_counts"] == {"total": 4, "completed": 2, "failed": 2}
+
+
 def test_validate_reports_limits_and_encoding(tmp_path: Path) -> None:
     cfg = make_config(tmp_path, limits={"max_requests_per_job": 2})
     f = write_jsonl(tmp_path / "big.jsonl", [chat(str(i)) for i in range(3)])
