@@ -68,6 +68,9 @@ class ProcessingConfig:
     chunk_size: int = 5000
     max_job_attempts: int = 3
     stop_timeout_s: float = 60.0
+    # SPEC: jobs start in arrival order. True lets queued jobs for the loaded model go
+    # before older ones for another model (fewer model switches, not FIFO).
+    prefer_loaded_model: bool = False
 
 
 @dataclass

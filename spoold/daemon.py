@@ -396,7 +396,8 @@ class Daemon:
     # -- running --------------------------------------------------------------------
 
     def run_next_job(self) -> bool:
-        """Run the oldest job we can own, preferring the loaded model's. False if none."""
+        """Run the oldest job we can own (SPEC: arrival order; with
+        processing.prefer_loaded_model, the loaded model's first). False if none."""
         jobs = [(d, st) for d, st in self.spool.active_jobs() if st.status not in TERMINAL]
         jobs = self._finish_cancelled(jobs)
         if self.metrics is not None:
@@ -405,9 +406,10 @@ class Daemon:
         self._job_models = {
             st.id: self._job_models.get(st.id) or self._model_of(d, st) for d, st in jobs
         }
-        loaded = self.engine.model if self.engine is not None else None
-        # Don't switch back and forth: jobs for the loaded model go first.
-        jobs.sort(key=lambda j: self._job_models[j[1].id] != loaded)
+        if self.cfg.processing.prefer_loaded_model:
+            # Don't switch back and forth: jobs for the loaded model go first.
+            loaded = self.engine.model if self.engine is not None else None
+            jobs.sort(key=lambda j: self._job_models[j[1].id] != loaded)
         for job_dir, state in jobs:
             if not self.spool.acquire(job_dir, self.cfg.heartbeat.stale_after_s):
                 continue

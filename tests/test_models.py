@@ -1,4 +1,4 @@
-"""engine.models aliases, one model per job, and switching without flip-flopping."""
+"""engine.models aliases, one model per job, arrival order and model switching."""
 
 from __future__ import annotations
 
@@ -6,10 +6,17 @@ import json
 import os
 from pathlib import Path
 
+import pytest
+
 from tests.helpers import chat, drain, job_dirs, make_config, read_results, state, write_jsonl
 
 
-def test_jobs_for_the_loaded_model_run_before_a_switch(tmp_path: Path) -> None:
+@pytest.mark.parametrize("prefer_loaded", [False, True])
+def test_jobs_run_in_arrival_order_switching_models_as_needed(
+    tmp_path: Path, prefer_loaded: bool
+) -> None:
+    """SPEC: jobs start in arrival order; a job for another model waits for the switch.
+    processing.prefer_loaded_model trades that order for fewer switches."""
     cfg = make_config(
         tmp_path,
         engine={
@@ -17,6 +24,7 @@ def test_jobs_for_the_loaded_model_run_before_a_switch(tmp_path: Path) -> None:
             "model": "model-a",
             "models": {"gpt-a": "model-a", "gpt-b": "model-b"},
         },
+        processing={"prefer_loaded_model": prefer_loaded},
     )
     incoming = tmp_path / "spool" / "incoming"
     for i, (name, alias) in enumerate([("a1", "gpt-a"), ("b1", "gpt-b"), ("a2", "gpt-a")]):
@@ -26,14 +34,24 @@ def test_jobs_for_the_loaded_model_run_before_a_switch(tmp_path: Path) -> None:
         os.utime(path, (1_700_000_000 + i, 1_700_000_000 + i))
     proc = drain(cfg)
     done = sorted(job_dirs(tmp_path / "spool", "done"), key=lambda j: state(j)["started_at"])
-    assert [state(j)["source_name"] for j in done] == ["a1.jsonl", "a2.jsonl", "b1.jsonl"]
-    assert [state(j)["model"] for j in done] == ["model-a", "model-a", "model-b"]
+    names = [state(j)["source_name"] for j in done]
     switches = [
         json.loads(line) for line in proc.stdout.splitlines() if '"switching model"' in line
     ]
-    assert [(s["old"], s["new"]) for s in switches] == [("model-a", "model-b")]
+    if prefer_loaded:
+        assert names == ["a1.jsonl", "a2.jsonl", "b1.jsonl"]
+        assert [(s["old"], s["new"]) for s in switches] == [("model-a", "model-b")]
+    else:
+        assert names == ["a1.jsonl", "b1.jsonl", "a2.jsonl"]
+        assert [(s["old"], s["new"]) for s in switches] == [
+            ("model-a", "model-b"),
+            ("model-b", "model-a"),
+        ]
+    by_name = {state(j)["source_name"]: j for j in done}
+    assert state(by_name["b1.jsonl"])["model"] == "model-b"
+    assert state(by_name["a2.jsonl"])["model"] == "model-a"
     # body.model is kept as the client sent it.
-    out = read_results(done[2], "output.jsonl")
+    out = read_results(by_name["b1.jsonl"], "output.jsonl")
     assert {r["response"]["body"]["model"] for r in out} == {"gpt-b"}
 
 
