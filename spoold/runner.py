@@ -161,6 +161,13 @@ class Runner:
             save_state(job_dir, state)
             jlog.info("job paused for shutdown", completed=state.request_counts.completed)
             return QUEUED
+        # Exactly once is only done when every line was read and every request answered.
+        size = (job_dir / INPUT).stat().st_size
+        if run.pending or run.next_offset < size:
+            raise RuntimeError(
+                f"{state.id}: the run ended at byte {run.next_offset} of {size} with "
+                f"{len(run.pending)} request(s) unanswered; not completing it"
+            )
         return self._finish(job_dir, state, COMPLETED, jlog)
 
     def _finish(
