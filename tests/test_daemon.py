@@ -303,6 +303,16 @@ def test_spool_status_does_not_import_heavy_modules(tmp_path: Path) -> None:
     assert "HEAVY []" in proc.stdout, proc.stdout + proc.stderr
 
 
+def _received(sock: socket.socket) -> list[str]:
+    """Every datagram waiting on `sock` (which has a short timeout), in order."""
+    messages: list[str] = []
+    while True:
+        try:
+            messages.append(sock.recv(4096).decode())
+        except TimeoutError:
+            return messages
+
+
 def test_systemd_notify_protocol(tmp_path: Path, daemons: list[Daemon]) -> None:
     """READY=1 once recovered and watching, STATUS=, WATCHDOG=1, STOPPING=1, in order."""
     sock_path = tmp_path / "notify.sock"
@@ -317,12 +327,7 @@ def test_systemd_notify_protocol(tmp_path: Path, daemons: list[Daemon]) -> None:
         write_jsonl(tmp_path / "spool" / "incoming" / "n.jsonl", [chat(str(i)) for i in range(300)])
         wait_for(lambda: done_jobs(tmp_path / "spool"), what="the job")
         assert d.terminate() == 0
-        messages: list[str] = []
-        while True:
-            try:
-                messages.append(sock.recv(4096).decode())
-            except TimeoutError:
-                break
+        messages = _received(sock)
     finally:
         sock.close()
     fields = [line.split("=", 1)[0] for m in messages for line in m.splitlines()]
@@ -431,12 +436,7 @@ def test_the_watchdog_is_pinged_while_a_slow_model_loads(tmp_path: Path) -> None
     write_jsonl(d.spool.incoming / "a.jsonl", [chat("a")])
     try:
         assert d.run(drain=True) == 0
-        messages: list[str] = []
-        while True:
-            try:
-                messages.append(sock.recv(4096).decode())
-            except TimeoutError:
-                break
+        messages = _received(sock)
     finally:
         sock.close()
     start = next(i for i, m in enumerate(messages) if "STATUS=loading model" in m)
