@@ -100,6 +100,10 @@ def _health(daemons: list[dict[str, Any]]) -> int:
     return HEALTHY
 
 
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
 def _job_view(state: dict[str, Any], daemons: list[dict[str, Any]], now: float) -> dict[str, Any]:
     counts = state.get("request_counts") or {}
     total = int(counts.get("total") or 0)
@@ -121,6 +125,11 @@ def _job_view(state: dict[str, Any], daemons: list[dict[str, Any]], now: float) 
         if current.get("id") == state.get("id") and not d["stale"]:
             view["tokens_per_s"] = current.get("tokens_per_s")
             view["daemon"] = d.get("instance")
+            # state.json counts move at commits (every chunk_size requests); the running
+            # daemon's heartbeat says how far it has got since, about once a second.
+            live = _int(current.get("completed")) + _int(current.get("failed"))
+            if live > finished:
+                finished = view["done"] = live
     started = parse_time(state.get("started_at"))
     if state.get("status") == RUNNING and started and finished and now > started:
         rate = finished / (now - started)

@@ -443,3 +443,32 @@ def test_the_watchdog_is_pinged_while_a_slow_model_loads(tmp_path: Path) -> None
     end = next(i for i, m in enumerate(messages) if i > start and "STATUS=processing" in m)
     pings = [m for m in messages[start:end] if m == "WATCHDOG=1"]
     assert len(pings) >= 2, messages[start : end + 1]
+
+
+def test_spool_status_shows_progress_between_commits(tmp_path: Path, daemons: list[Daemon]) -> None:
+    """state.json moves at commits (every chunk_size requests); spool-status takes the
+    running daemon's fresher count from its heartbeat, so a job inside its first chunk
+    does not look stuck at 0."""
+    cfg = make_config(
+        tmp_path,
+        processing={"chunk_size": 5000},
+        engine={"backend": "fake", "fake": {"delay_per_request_s": 0.005, "batch_size": 10}},
+    )
+    spool = tmp_path / "spool"
+    write_jsonl(spool / "incoming" / "slow.jsonl", [chat(f"s{i}") for i in range(2000)])
+    start(daemons, cfg)
+
+    def beat_done() -> int:
+        beat = json.loads((spool / "heartbeats" / "default.json").read_text())
+        current = beat.get("current_job") or {}
+        return int(current.get("completed") or 0)
+
+    wait_for(lambda: beat_done() >= 100, what="the heartbeat to count progress")
+    (job,) = job_dirs(spool, "processing")
+    assert state(job)["request_counts"]["completed"] == 0  # no commit yet
+    exe = str(Path(sys.executable).parent / "spool-status")
+    out = subprocess.run(
+        [exe, "--config", str(cfg), "--json"], capture_output=True, text=True, timeout=30
+    )
+    (view,) = json.loads(out.stdout)["jobs"]
+    assert view["done"] >= 100 and view["requests_per_s"] and view["eta_s"] is not None
