@@ -47,7 +47,8 @@ class AdmitReport:
     settling: list[Entry] = field(default_factory=list)
 
 
-def _pid_alive(pid: object) -> bool:
+def _spoold_alive(pid: object) -> bool:
+    """Whether `pid` is a live spoold process on this host (a reused pid is not)."""
     if not isinstance(pid, int) or pid <= 0:
         return False
     try:
@@ -55,8 +56,11 @@ def _pid_alive(pid: object) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True  # alive, someone else's
-    return True
+        pass  # alive, another user's
+    try:
+        return b"spoold" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return True  # no /proc to tell: assume it is
 
 
 class _Stopping(Exception):
@@ -202,7 +206,7 @@ class Daemon:
         if age is None or age > self.cfg.heartbeat.stale_after_s:
             return
         pid, host = beat.get("pid"), beat.get("hostname")
-        if host == socket.gethostname() and (pid == os.getpid() or not _pid_alive(pid)):
+        if host == socket.gethostname() and (pid == os.getpid() or not _spoold_alive(pid)):
             return
         raise ConfigError(
             f"instance {self.cfg.instance!r}: another spoold runs as this instance (pid {pid} "
