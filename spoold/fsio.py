@@ -142,7 +142,7 @@ def remove_stray_temps(directory: Path, prefix: str = ".") -> list[Path]:
     removed = []
     for entry in directory.iterdir():
         if entry.name.startswith(prefix) and entry.name.endswith(TMP_SUFFIX) and entry.is_file():
-            entry.unlink()
+            entry.unlink(missing_ok=True)  # another daemon's recovery may be first
             removed.append(entry)
     if removed:
         fsync_dir(directory)

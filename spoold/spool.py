@@ -5,6 +5,7 @@ Every step follows docs/design.md; the durability primitives live in fsio.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -218,8 +219,12 @@ class Spool:
         except FileNotFoundError:
             fsio.remove_tree(staging)
             return None
-        except OSError:  # EXDEV, EACCES, …: the entry stays where it is, untouched
-            fsio.remove_tree(staging)
+        except OSError:
+            # EXDEV, EACCES, …: the entry is still in incoming/, untouched. But if the
+            # rename happened and only the fsync after it failed, the file is in the
+            # staging dir now: that is C3, left for recovery to finish, never removed.
+            if not os.path.lexists(staging / target):
+                fsio.remove_tree(staging)
             raise
         fsio.move(staging, base / state.id)  # step 4
         return state.id
@@ -288,6 +293,12 @@ class Spool:
 
     def acquire(self, job_dir: Path, stale_after_s: float) -> bool:
         """Become the one daemon that runs this job. False if a live peer has it."""
+        try:
+            return self._acquire(job_dir, stale_after_s)
+        except FileNotFoundError:
+            return False  # the job moved on meanwhile (finished or cancelled by a peer)
+
+    def _acquire(self, job_dir: Path, stale_after_s: float) -> bool:
         owner_path = job_dir / OWNER
         if fsio.create_exclusive(owner_path, self._owner_record()):
             return True
@@ -337,27 +348,30 @@ class Spool:
         stale peers), and while running (peers that died since). Never touches a live
         peer's jobs, staging dirs or temp files. Must not run while this daemon is in
         the middle of a job: it would count its own temp files as leftovers."""
+        # Several daemons may repair the same stale peer's leftovers at once (all the
+        # spoold@N of a host start together after a reboot): whatever another one did
+        # first (FileNotFoundError, FileExistsError) is simply done.
         for base, prefix in ((self.processing, CLAIM_PREFIX), (self.failed, REJECT_PREFIX)):
             for staging in base.iterdir():
                 if staging.name.startswith(prefix):
-                    self._recover_staging(staging, prefix, stale_after_s)
+                    with contextlib.suppress(FileNotFoundError, FileExistsError):
+                        self._recover_staging(staging, prefix, stale_after_s)
         for d in self.job_dirs():
-            if not self._ours_to_repair(d, stale_after_s):
-                continue
-            fsio.remove_stray_temps(d)
-            try:
-                state = load_state(d)
-            except FileNotFoundError:
-                continue
-            except ValueError:
-                log.error("unreadable state.json; job left in place", job_id=d.name)
-                continue
-            if state.status in TERMINAL:  # C9: terminal state written, move not done
-                log.info("finishing interrupted move", job_id=state.id, status=state.status)
-                try:
-                    self.finish(d, state)
-                except FileNotFoundError:
-                    continue  # another daemon finished it first
+            with contextlib.suppress(FileNotFoundError, FileExistsError):
+                self._repair_job(d, stale_after_s)
+
+    def _repair_job(self, d: Path, stale_after_s: float) -> None:
+        if not self._ours_to_repair(d, stale_after_s):
+            return
+        fsio.remove_stray_temps(d)
+        try:
+            state = load_state(d)
+        except ValueError:
+            log.error("unreadable state.json; job left in place", job_id=d.name)
+            return
+        if state.status in TERMINAL:  # C9: terminal state written, move not done
+            log.info("finishing interrupted move", job_id=state.id, status=state.status)
+            self.finish(d, state)
 
     def _recover_staging(self, staging: Path, prefix: str, stale_after_s: float) -> None:
         rest = staging.name[len(prefix) :]

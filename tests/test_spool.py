@@ -1,9 +1,13 @@
+import errno
 import json
 import multiprocessing
 import os
 import time
 from pathlib import Path
 
+import pytest
+
+from spoold import fsio
 from spoold.heartbeat import Heartbeat
 from spoold.job import JobState, load_state, save_state
 from spoold.spool import Kind, SettleTracker, Spool, classify, count_requests
@@ -153,3 +157,39 @@ def test_heartbeat_thread_keeps_writing(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "default.json").read_text())["status"] == "stopping"
     for key in ("pid", "hostname", "instance", "version", "started_at", "current_job", "gpu"):
         assert key in data
+
+
+def test_a_claim_whose_fsync_fails_after_the_rename_keeps_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Step 3 renamed the file into the staging dir, then the directory fsync failed
+    (EIO on a network mount): the file must stay there (C3), never be removed with
+    the staging dir; recovery then finishes the claim."""
+    spool = Spool(tmp_path)
+    spool.ensure_layout()
+    data = write_jsonl(spool.incoming / "x.jsonl", [chat("a")]).read_bytes()
+    entry = classify(spool.incoming / "x.jsonl")
+    assert entry is not None
+    real = fsio.fsync_dir
+
+    def flaky(path: Path) -> None:
+        if any(p.name == "input.jsonl" for p in path.iterdir()):
+            raise OSError(errno.EIO, "Input/output error")
+        real(path)
+
+    monkeypatch.setattr(fsio, "fsync_dir", flaky)
+    with pytest.raises(OSError):
+        spool.claim(entry, 1, len(data))
+    monkeypatch.setattr(fsio, "fsync_dir", real)
+    (staged,) = [p for p in spool.processing.iterdir() if p.name.startswith(".claim-")]
+    assert (staged / "input.jsonl").read_bytes() == data
+    spool.recover(stale_after_s=60)
+    (job,) = list(spool.processing.iterdir())
+    assert (job / "input.jsonl").read_bytes() == data and load_state(job).status == "queued"
+
+
+def test_acquire_of_a_job_that_moved_on_is_false(tmp_path: Path) -> None:
+    """A peer finished or cancelled it between our listing and our acquire."""
+    spool = Spool(tmp_path)
+    spool.ensure_layout()
+    assert not spool.acquire(spool.processing / "gone-20260101T000000-abcdef", 60)
