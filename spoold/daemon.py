@@ -25,10 +25,10 @@ from spoold.config import Config, ConfigError
 from spoold.engines.base import Engine, EngineFatal
 from spoold.gpu import GpuGuard, GpuReader
 from spoold.heartbeat import Heartbeat, beat_age, read_heartbeat
-from spoold.job import CANCELLED, INPUT, QUEUED, RUNNING, TERMINAL, JobState
+from spoold.job import CANCELLED, INPUT, QUEUED, RUNNING, TERMINAL, JobState, load_state
 from spoold.metrics import MetricsWriter
 from spoold.notify import Notifier
-from spoold.runner import DiskFull, Runner, finish_job
+from spoold.runner import DiskFull, Runner, cut_to_checkpoint, finish_job
 from spoold.spool import Entry, Kind, QueueLoad, SettleTracker, Spool, count_requests
 from spoold.validate import first_request
 from spoold.watch import Watcher
@@ -45,6 +45,9 @@ class AdmitReport:
     claimed: list[str] = field(default_factory=list)
     waiting: list[str] = field(default_factory=list)  # settled, held back by queue limits
     settling: list[Entry] = field(default_factory=list)
+
+
+UNMOVABLE_RETRY_S = 60.0
 
 
 def _spoold_alive(pid: object) -> bool:
@@ -89,7 +92,9 @@ class Daemon:
         # full rescan every watch.rescan_interval_s is the safety net.
         self._max_idle_s = 1.0
         self._counts: dict[str, tuple[tuple[int, int], int, int]] = {}
-        self._unmovable: set[str] = set()
+        # Entries we could not move out of incoming/: name → when to try again. Said
+        # once in the log; listed in the heartbeat's problems while they stay.
+        self._unmovable: dict[str, float] = {}
         self._job_models: dict[str, str] = {}
         limits = {k: getattr(cfg.limits, k) for k in vars(cfg.limits)}
         limits["chunk_size"] = cfg.processing.chunk_size
@@ -104,6 +109,7 @@ class Daemon:
         self.poll_s = 5.0  # how often a throttled daemon looks again
         self._drain = False
         self._next_admit = 0.0  # when a running job's progress may admit files next
+        self._current_job: str | None = None  # the job this daemon is running
         # recover() has just done it at start-up.
         self._next_take_over = clock() + cfg.heartbeat.stale_after_s / 2
 
@@ -197,10 +203,10 @@ class Daemon:
     def _check_instance_free(self) -> None:
         """One live daemon per instance name: the instance is who owns jobs, staging
         dirs and the heartbeat file, so two would take each other's work for their
-        own. A previous life of this daemon (same host, its pid gone), a clean stop
-        or a stale heartbeat are fine."""
+        own. A previous life of this daemon (same host, its pid gone or not spoold) or
+        a stale heartbeat are fine; one still stopping (finishing its last chunk) is not."""
         beat = read_heartbeat(self.cfg.heartbeat_path)
-        if beat is None or beat.get("status") == "stopping":
+        if beat is None:
             return
         age = beat_age(beat, time.time())
         if age is None or age > self.cfg.heartbeat.stale_after_s:
@@ -247,13 +253,13 @@ class Daemon:
         names = {e.name for e in entries}
         self.settle.prune(names)
         self._counts = {k: v for k, v in self._counts.items() if k in names}
-        if self._unmovable - names:  # gone or renamed: no longer a problem
-            self._unmovable &= names
+        if self._unmovable.keys() - names:  # gone or renamed: no longer a problem
+            self._unmovable = {k: v for k, v in self._unmovable.items() if k in names}
             self.heartbeat.set(problems=sorted(self._unmovable))
         load: QueueLoad | None = None
         now = self.clock()
         for entry in entries:
-            if entry.kind is Kind.UPLOADING or entry.name in self._unmovable:
+            if entry.kind is Kind.UPLOADING or self._unmovable.get(entry.name, 0.0) > now:
                 continue
             if not self.settle.settled(entry, now):
                 report.settling.append(entry)
@@ -307,6 +313,7 @@ class Daemon:
                     )
                 self._report_unmovable(entry, f"cannot claim {entry.name}{hint}", e)
                 continue
+            self._movable_again(entry.name)
             if job_id is not None:
                 log.info("job claimed", job_id=job_id, source=entry.name, requests=total)
                 report.claimed.append(job_id)
@@ -334,19 +341,28 @@ class Daemon:
         except OSError as e:
             self._report_unmovable(entry, reason, e)
             return
+        self._movable_again(entry.name)
         if job_id is not None:
             log.warning("rejected", job_id=job_id, source=entry.name, reason=reason)
 
     def _report_unmovable(self, entry: Entry, reason: str, error: OSError) -> None:
-        """An entry we cannot move out of incoming/: said once (log, heartbeat's
-        `problems`, so spool-status shows it), then left alone until it changes name."""
-        if entry.name in self._unmovable:
-            return
-        self._unmovable.add(entry.name)
-        log.error(
-            "cannot move entry out of incoming/", entry=entry.name, reason=reason, error=str(error)
-        )
+        """An entry we cannot move out of incoming/: said once (log, and the heartbeat's
+        `problems`, so spool-status shows it), tried again every UNMOVABLE_RETRY_S (the
+        cause may pass: a full disk, a fixed permission, a flaky mount)."""
+        if entry.name not in self._unmovable:
+            log.error(
+                "cannot move entry out of incoming/",
+                entry=entry.name,
+                reason=reason,
+                error=str(error),
+            )
+        self._unmovable[entry.name] = self.clock() + UNMOVABLE_RETRY_S
         self.heartbeat.set(problems=sorted(self._unmovable))
+
+    def _movable_again(self, name: str) -> None:
+        if self._unmovable.pop(name, None) is not None:
+            log.info("entry moved out of incoming/ after all", entry=name)
+            self.heartbeat.set(problems=sorted(self._unmovable))
 
     def _on_beat(self, beat: dict[str, Any]) -> None:
         """After each heartbeat (its own thread): metrics, and the watchdog while a model
@@ -426,9 +442,15 @@ class Daemon:
         a model or validating them; the jobs left to run."""
         left = []
         for job_dir, state in jobs:
-            if state.status != QUEUED or not self.spool.cancel_requested(job_dir):
+            if (
+                state.status != QUEUED
+                or state.id == self._current_job
+                or not self.spool.cancel_requested(job_dir)
+            ):
                 left.append((job_dir, state))
             elif self.spool.acquire(job_dir, self.cfg.heartbeat.stale_after_s):
+                state = load_state(job_dir)  # as owner: the record as last committed
+                cut_to_checkpoint(job_dir, state)  # a paused run's uncommitted tail
                 finish_job(self.spool, job_dir, state, CANCELLED, log.bind(job_id=state.id))
         return left
 
@@ -464,11 +486,17 @@ class Daemon:
         return self.engine
 
     def _run_job(self, job_dir: Path, state: JobState, model: str) -> None:
-
         try:
             engine = self._engine_for(model)
         except _Stopping:
             return
+        self._current_job = state.id  # not to be cancelled as "queued" under its runner
+        try:
+            self._run_acquired(job_dir, state, engine)
+        finally:
+            self._current_job = None
+
+    def _run_acquired(self, job_dir: Path, state: JobState, engine: Engine) -> None:
         self.heartbeat.set(status="processing")
         self._progress(state, 0, 0.0)
         runner = Runner(
@@ -519,14 +547,13 @@ class Daemon:
         job with its job_id (so it shows as queued, and can be cancelled) now, not
         when the running job ends."""
         now = self.clock()
-        if now < self._next_admit:
+        if now < self._next_admit or self.stop_requested.is_set():  # stopping: no new work
             return
         self._next_admit = now + 1.0
         try:
             report = self.admit()
             self.heartbeat.set(waiting=len(report.waiting))
-            self._finish_cancelled(
-                [(d, st) for d, st in self.spool.active_jobs() if st.status == QUEUED]
-            )
-        except OSError as e:  # tried again at the next report; the running job goes on
+            cancels = [d for d in self.spool.job_dirs() if self.spool.cancel_requested(d)]
+            self._finish_cancelled([(d, load_state(d)) for d in cancels])
+        except (OSError, ValueError) as e:  # tried again at the next report; the job goes on
             log.warning("cannot admit or cancel while a job runs", error=str(e))

@@ -76,7 +76,16 @@ class NvmlReader:
         pynvml.nvmlInit()
         every = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
         uuids = [_text(pynvml.nvmlDeviceGetUUID(h)) for h in every]
-        self._indices = visible_devices(os.environ.get("CUDA_VISIBLE_DEVICES"), uuids)
+        spec = os.environ.get("CUDA_VISIBLE_DEVICES")
+        self._indices = visible_devices(spec, uuids)
+        if not self._indices and every and spec and spec.strip() not in ("", "-1"):
+            # MIG-… instances, or a name NVML does not know: guarding every GPU is
+            # better than silently guarding none.
+            log.warning(
+                "CUDA_VISIBLE_DEVICES names no GPU NVML knows (MIG?): watching every GPU",
+                cuda_visible_devices=spec,
+            )
+            self._indices = list(range(len(every)))
         self._handles = [every[i] for i in self._indices]
 
     def read(self) -> list[GpuReading]:

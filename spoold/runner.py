@@ -90,6 +90,32 @@ def finish_job(
     )
 
 
+def _check_complete(job_dir: Path, state: JobState, run: _Run) -> None:
+    """A run that was not stopped ends done only when every line was read and every
+    request answered; anything else (an engine that lost a request) fails the job,
+    with what was committed kept, rather than completing it short or retrying forever."""
+    size = (job_dir / INPUT).stat().st_size
+    if run.pending or run.next_offset < size:
+        raise JobFailed(
+            f"{state.source_name}: the engine run ended at byte {run.next_offset} of {size} "
+            f"with {len(run.pending)} request(s) unanswered; results so far are kept"
+        )
+
+
+def cut_to_checkpoint(job_dir: Path, state: JobState) -> None:
+    """Before a job is filed without running on (cancelled, or failed after crashes):
+    results past its last checkpoint were never committed, and may end in a torn line.
+    Cut them off, and count from the checkpoint."""
+    ck = state.checkpoint
+    for name, keep in ((OUTPUT, ck.output_bytes), (ERRORS, ck.errors_bytes)):
+        if (job_dir / name).exists():
+            try:
+                AppendLog(job_dir / name, keep).close()
+            except RuntimeError as e:  # shorter than its checkpoint: leave it as it is
+                log.error("result file shorter than its checkpoint", job_id=state.id, error=str(e))
+    state.request_counts.completed, state.request_counts.failed = ck.completed, ck.failed
+
+
 class Runner:
     def __init__(
         self,
@@ -121,6 +147,7 @@ class Runner:
                 f"the job crashed the daemon {state.attempts} times without progress "
                 f"(processing.max_job_attempts = {limit}); its partial results are kept"
             )
+            cut_to_checkpoint(job_dir, state)
             return self._finish(job_dir, state, FAILED, jlog)
         state.attempts += 1
         state.transition(RUNNING)
@@ -133,8 +160,11 @@ class Runner:
             if not state.checkpoint.validated:
                 self._validate(job_dir, state)
             if self.spool.cancel_requested(job_dir):
+                cut_to_checkpoint(job_dir, state)
                 return self._finish(job_dir, state, CANCELLED, jlog)
             run = self._execute(job_dir, state)
+            if run.halt is None:
+                _check_complete(job_dir, state, run)
         except JobFailed as e:
             state.error = str(e)
             return self._finish(job_dir, state, FAILED, jlog)
@@ -145,10 +175,12 @@ class Runner:
             # validation) is redone once there is room. Not the job's fault: the
             # attempt is given back.
             jlog.error("disk full; the job will resume from its checkpoint", error=str(e))
-            state.transition(QUEUED)
-            state.attempts = max(0, state.attempts - 1)
-            with contextlib.suppress(OSError):
-                save_state(job_dir, state)
+            with contextlib.suppress(OSError, ValueError):
+                # The record as last committed (not this run's uncommitted counts).
+                committed = load_state(job_dir)
+                committed.transition(QUEUED)
+                committed.attempts = max(0, committed.attempts - 1)
+                save_state(job_dir, committed)
             raise DiskFull(str(e)) from e
         if run.halt == "lost":
             jlog.warning("another daemon took this job over; stopped without committing")
@@ -161,13 +193,6 @@ class Runner:
             save_state(job_dir, state)
             jlog.info("job paused for shutdown", completed=state.request_counts.completed)
             return QUEUED
-        # Exactly once is only done when every line was read and every request answered.
-        size = (job_dir / INPUT).stat().st_size
-        if run.pending or run.next_offset < size:
-            raise RuntimeError(
-                f"{state.id}: the run ended at byte {run.next_offset} of {size} with "
-                f"{len(run.pending)} request(s) unanswered; not completing it"
-            )
         return self._finish(job_dir, state, COMPLETED, jlog)
 
     def _finish(

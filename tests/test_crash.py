@@ -746,3 +746,50 @@ def test_a_running_daemon_finishes_a_dead_peers_claim_without_a_restart(
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
+
+
+def test_cancelling_a_paused_job_cuts_its_uncommitted_tail(tmp_path: Path) -> None:
+    """A job paused mid-run (a stop, a full disk, a crash) may hold results past its
+    checkpoint, ending in a torn line (C6). Cancelled before it resumes, it goes to
+    failed/ with the committed results only, and counts that match them."""
+    cfg = make_config(tmp_path)
+    spool = tmp_path / "spool"
+    recs = _requests("p", 10)
+    src = write_jsonl(tmp_path / "paused.jsonl", recs)
+    job_id = new_job_id("paused.jsonl")
+    job = spool / "processing" / job_id
+    committed = b"".join(
+        json.dumps({"id": f"batch_req_{i}", "custom_id": f"p-{i}"}).encode() + b"\n"
+        for i in range(3)
+    )
+    lines = src.read_bytes().splitlines(keepends=True)
+    _stage_job_dir(
+        job,
+        "paused.jsonl",
+        src.read_bytes(),
+        job_id,
+        status="queued",
+        checkpoint={
+            "validated": True,
+            "next_line": 4,
+            "input_offset": sum(len(line) for line in lines[:3]),
+            "done_lines": [],
+            "output_bytes": len(committed),
+            "errors_bytes": 0,
+            "completed": 3,
+            "failed": 0,
+        },
+        request_counts={"total": 10, "completed": 5, "failed": 0},  # uncommitted counts
+    )
+    (job / "output.jsonl").write_bytes(
+        committed + b'{"id": "batch_req_3", "custom_id": "p-3"}\n{"id"'
+    )
+    (job / "errors.jsonl").write_bytes(b"")
+    (job / "CANCEL").write_bytes(b"")
+
+    drain(cfg)
+    done = only_job(spool, "failed")
+    st = state(done)
+    assert st["status"] == "cancelled"
+    assert (done / "output.jsonl").read_bytes() == committed
+    assert st["request_counts"] == {"total": 3, "completed": 3, "failed": 0}

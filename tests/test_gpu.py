@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -17,7 +18,7 @@ import pytest
 from spoold.config import GpuConfig, parse_config
 from spoold.daemon import Daemon
 from spoold.engines.fake import FakeEngine
-from spoold.gpu import GpuGuard, GpuReading, open_nvml, visible_devices
+from spoold.gpu import GpuGuard, GpuReading, NvmlReader, open_nvml, visible_devices
 from tests.helpers import (
     assert_exactly_once,
     chat,
@@ -275,3 +276,94 @@ def test_only_the_gpus_cuda_visible_devices_leaves_are_watched() -> None:
     assert visible_devices("0,7,1", uuids) == [0]  # no GPU 7: it stops there too
     assert visible_devices("", uuids) == []
     assert visible_devices("-1", uuids) == []
+
+
+def test_an_engine_that_loses_a_request_fails_the_job_instead_of_looping(
+    tmp_path: Path,
+) -> None:
+    """Every request in must come out; an engine that silently drops one must not get
+    the job marked completed short, nor retried forever: it fails, saying why, with
+    what was committed kept."""
+    from collections.abc import Iterator as It
+
+    from spoold.engines.base import Outcome
+    from spoold.validate import Request
+
+    class Lossy(FakeEngine):
+        def run(self, requests: It[Request]) -> It[Outcome]:
+            for outcome in super().run(requests):
+                if outcome.request.custom_id != "r7":
+                    yield outcome
+
+    cfg = parse_config({"spool_dir": str(tmp_path / "spool"), "watch": {"settle_seconds": 0}})
+    d = Daemon(cfg, lambda model: Lossy(model, cfg.engine.fake))
+    d.spool.ensure_layout()
+    write_jsonl(d.spool.incoming / "lossy.jsonl", [chat(f"r{i}") for i in range(20)])
+    assert d.run(drain=True) == 0
+    (job,) = job_dirs(cfg.spool_dir, "failed")
+    st = json.loads((job / "state.json").read_text())
+    assert st["status"] == "failed" and "unanswered" in st["error"], st["error"]
+    assert st["request_counts"] == {"total": 19, "completed": 19, "failed": 0}
+
+
+def test_a_passing_claim_error_is_retried(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An entry that could not be moved once (a full disk, a flaky mount) is tried
+    again a while later, not blocked until the daemon restarts."""
+    from spoold import daemon as daemon_module
+
+    now = [1000.0]
+    cfg = parse_config({"spool_dir": str(tmp_path / "spool"), "watch": {"settle_seconds": 0}})
+    d = Daemon(cfg, lambda model: FakeEngine(model, cfg.engine.fake), clock=lambda: now[0])
+    d.spool.ensure_layout()
+    write_jsonl(d.spool.incoming / "later.jsonl", [chat("a")])
+    real = d.spool.claim
+    failures = [OSError(errno.ENOSPC, "No space left on device")]
+
+    def claim_once_full(*args: object) -> str | None:
+        if failures:
+            raise failures.pop()
+        return real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(d.spool, "claim", claim_once_full)
+    assert d.admit().claimed == []
+    assert (d.spool.incoming / "later.jsonl").exists()
+    assert d.admit().claimed == []  # still within the retry delay
+    now[0] += daemon_module.UNMOVABLE_RETRY_S + 1
+    assert len(d.admit().claimed) == 1
+    assert not (d.spool.incoming / "later.jsonl").exists()
+
+
+@pytest.mark.parametrize(
+    ("spec", "watched"),
+    [(None, [0, 1]), ("1", [1]), ("GPU-b", [1]), ("MIG-3f2a", [0, 1]), ("", [])],
+)
+def test_the_nvml_reader_reads_the_visible_gpus_under_their_nvml_index(
+    monkeypatch: pytest.MonkeyPatch, spec: str | None, watched: list[int]
+) -> None:
+    """NvmlReader over a stand-in pynvml (two GPUs): CUDA_VISIBLE_DEVICES picks which
+    are read, readings keep nvidia-smi's index, and a MIG spec NVML cannot map falls
+    back to every GPU rather than none."""
+    import types
+
+    fake = types.SimpleNamespace(
+        NVML_TEMPERATURE_GPU=0,
+        NVMLError=RuntimeError,
+        nvmlInit=lambda: None,
+        nvmlShutdown=lambda: None,
+        nvmlDeviceGetCount=lambda: 2,
+        nvmlDeviceGetHandleByIndex=lambda i: i,
+        nvmlDeviceGetUUID=lambda h: f"GPU-{'ab'[h]}000",
+        nvmlDeviceGetMemoryInfo=lambda h: types.SimpleNamespace(used=10 * (h + 1), total=100),
+        nvmlDeviceGetTemperature=lambda h, _: 50 + h,
+        nvmlDeviceGetUtilizationRates=lambda h: types.SimpleNamespace(gpu=1),
+        nvmlDeviceGetPowerUsage=lambda h: 100_000,
+        nvmlDeviceGetName=lambda h: b"Fake GPU",
+    )
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    if spec is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", spec)
+    readings = NvmlReader().read()
+    assert [r.index for r in readings] == watched
+    assert [r.memory_percent for r in readings] == [10.0 * (i + 1) for i in watched]
