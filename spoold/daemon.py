@@ -449,9 +449,12 @@ class Daemon:
             ):
                 left.append((job_dir, state))
             elif self.spool.acquire(job_dir, self.cfg.heartbeat.stale_after_s):
-                state = load_state(job_dir)  # as owner: the record as last committed
-                cut_to_checkpoint(job_dir, state)  # a paused run's uncommitted tail
-                finish_job(self.spool, job_dir, state, CANCELLED, log.bind(job_id=state.id))
+                try:
+                    state = load_state(job_dir)  # as owner: the record as last committed
+                    cut_to_checkpoint(job_dir, state)  # a paused run's uncommitted tail
+                    finish_job(self.spool, job_dir, state, CANCELLED, log.bind(job_id=state.id))
+                except (OSError, ValueError) as e:  # a full disk: tried again next pass
+                    log.warning("cannot file a cancelled job yet", job_id=state.id, error=str(e))
         return left
 
     def _model_of(self, job_dir: Path, state: JobState) -> str:
