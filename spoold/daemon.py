@@ -170,7 +170,16 @@ class Daemon:
                 self.notifier.watchdog()
                 self._take_over_dead_peers()
                 report = self.admit()
-                if self.run_next_job():
+                try:
+                    ran = self.run_next_job()
+                except OSError as e:
+                    if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                        raise
+                    if drain:
+                        raise DiskFull(str(e)) from e
+                    self._wait_throttled(f"disk full: {e}")  # then try again
+                    continue
+                if ran:
                     continue
                 if drain and not self._drain_should_wait(report):
                     break
@@ -438,12 +447,13 @@ class Daemon:
         return False
 
     def _finish_cancelled(self, jobs: list[tuple[Path, JobState]]) -> list[tuple[Path, JobState]]:
-        """File queued jobs with a CANCEL request under failed/ now, without loading
-        a model or validating them; the jobs left to run."""
+        """File jobs with a CANCEL request that nobody is running (queued, or left
+        running by a crash) under failed/ now, without loading a model or validating
+        them; the jobs left to run. Jobs a live daemon runs stop at its next chunk."""
         left = []
         for job_dir, state in jobs:
             if (
-                state.status != QUEUED
+                state.status not in (QUEUED, RUNNING)
                 or state.id == self._current_job
                 or not self.spool.cancel_requested(job_dir)
             ):
@@ -453,7 +463,7 @@ class Daemon:
                     state = load_state(job_dir)  # as owner: the record as last committed
                     cut_to_checkpoint(job_dir, state)  # a paused run's uncommitted tail
                     finish_job(self.spool, job_dir, state, CANCELLED, log.bind(job_id=state.id))
-                except (OSError, ValueError) as e:  # a full disk: tried again next pass
+                except (OSError, ValueError) as e:  # a full disk, a peer first: next pass
                     log.warning("cannot file a cancelled job yet", job_id=state.id, error=str(e))
         return left
 
@@ -556,7 +566,11 @@ class Daemon:
         try:
             report = self.admit()
             self.heartbeat.set(waiting=len(report.waiting))
-            cancels = [d for d in self.spool.job_dirs() if self.spool.cancel_requested(d)]
-            self._finish_cancelled([(d, load_state(d)) for d in cancels])
+            cancels = []
+            for d in self.spool.job_dirs():
+                if self.spool.cancel_requested(d):
+                    with contextlib.suppress(OSError, ValueError):
+                        cancels.append((d, load_state(d)))
+            self._finish_cancelled(cancels)
         except (OSError, ValueError) as e:  # tried again at the next report; the job goes on
             log.warning("cannot admit or cancel while a job runs", error=str(e))

@@ -119,8 +119,11 @@ def create_exclusive(path: Path, data: bytes) -> bool:
     try:
         os.write(fd, data)
         os.fsync(fd)
-    finally:
+    except BaseException:
         os.close(fd)
+        path.unlink(missing_ok=True)  # an empty one would claim the name for nobody
+        raise
+    os.close(fd)
     fsync_dir(path.parent)
     return True
 

@@ -106,7 +106,8 @@ class Heartbeat:
             self.on_beat(snapshot)
 
     def start(self) -> None:
-        self.write()
+        with contextlib.suppress(OSError):  # a full disk: the thread's next beat retries
+            self.write()
         self._thread = threading.Thread(target=self._loop, name="heartbeat", daemon=True)
         self._thread.start()
 

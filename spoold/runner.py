@@ -141,6 +141,9 @@ class Runner:
         """Run (or resume) one job we own. Returns its status when this run ended."""
         state = load_state(job_dir)
         jlog = log.bind(job_id=state.id)
+        if not self.spool.still_owner(job_dir):  # taken from us since we acquired it
+            jlog.warning("another daemon took this job over before it started")
+            return RUNNING
         limit = self.cfg.processing.max_job_attempts
         if state.attempts >= limit:
             state.error = (
@@ -154,11 +157,16 @@ class Runner:
         state.started_at = state.started_at or utcnow()
         state.instance = self.spool.instance
         state.model = self.engine.model
-        save_state(job_dir, state)
-        jlog.info("job started", attempt=state.attempts, resume=state.checkpoint.validated)
+        attempt_counted = False
         try:
+            save_state(job_dir, state)
+            attempt_counted = True
+            jlog.info("job started", attempt=state.attempts, resume=state.checkpoint.validated)
             if not state.checkpoint.validated:
                 self._validate(job_dir, state)
+            if not self.spool.still_owner(job_dir):  # validation takes a while
+                jlog.warning("another daemon took this job over; stopped without running it")
+                return RUNNING
             if self.spool.cancel_requested(job_dir):
                 cut_to_checkpoint(job_dir, state)
                 return self._finish(job_dir, state, CANCELLED, jlog)
@@ -179,7 +187,8 @@ class Runner:
                 # The record as last committed (not this run's uncommitted counts).
                 committed = load_state(job_dir)
                 committed.transition(QUEUED)
-                committed.attempts = max(0, committed.attempts - 1)
+                if attempt_counted:
+                    committed.attempts = max(0, committed.attempts - 1)
                 save_state(job_dir, committed)
             raise DiskFull(str(e)) from e
         if run.halt == "lost":

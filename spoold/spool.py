@@ -25,9 +25,12 @@ from spoold.heartbeat import heartbeat_age
 from spoold.job import (
     CANCEL,
     COMPLETED,
+    ERRORS,
     FAILED,
     INPUT,
+    OUTPUT,
     OWNER,
+    STATE,
     TERMINAL,
     JobState,
     load_state,
@@ -50,6 +53,8 @@ from spoold.layout import (
 log = structlog.get_logger("spoold.spool")
 
 CLAIM_PREFIX = ".claim-"
+# The names a job directory uses itself: a rejected entry never takes one of them.
+_JOB_FILES = frozenset({INPUT, STATE, OUTPUT, ERRORS, OWNER, CANCEL})
 REJECT_PREFIX = ".reject-"
 
 
@@ -205,6 +210,8 @@ class Spool:
         state.requests_in_file = total or 0
         state.finished_at = state.created_at
         target = INPUT if entry.kind is Kind.JOB else entry.name
+        if target != INPUT and target in _JOB_FILES:  # e.g. a stray "state.json" dropped
+            target = f"rejected-{target}"
         return self._stage(self.failed, REJECT_PREFIX, entry, target, state)
 
     def _stage(
@@ -302,6 +309,7 @@ class Spool:
         owner_path = job_dir / OWNER
         if fsio.create_exclusive(owner_path, self._owner_record()):
             return True
+        judged = self._owner(job_dir)
         owner = self.owner_of(job_dir)
         if owner is None:
             # Half-written or unreadable owner file: judge it by its age.
@@ -318,7 +326,19 @@ class Spool:
             fsio.move(owner_path, grave)
         except FileNotFoundError:
             return False  # another daemon took it over first
-        return fsio.create_exclusive(owner_path, self._owner_record())
+        if not fsio.create_exclusive(owner_path, self._owner_record()):
+            return False
+        try:
+            buried = fsio.read_json(grave)
+        except (OSError, ValueError):
+            buried = {}
+        if buried != judged:
+            # Between our look and our rename another daemon took the job over: we
+            # buried its fresh record. Step back; it finds itself no longer owner at its
+            # next check, and the job is acquired afresh (never by two at once).
+            (job_dir / OWNER).unlink(missing_ok=True)
+            return False
+        return True
 
     def still_owner(self, job_dir: Path) -> bool:
         owner = self._owner(job_dir)

@@ -793,3 +793,25 @@ def test_cancelling_a_paused_job_cuts_its_uncommitted_tail(tmp_path: Path) -> No
     assert st["status"] == "cancelled"
     assert (done / "output.jsonl").read_bytes() == committed
     assert st["request_counts"] == {"total": 3, "completed": 3, "failed": 0}
+
+
+def test_cancelling_a_job_left_running_by_a_crash_files_it_as_cancelled(
+    tmp_path: Path,
+) -> None:
+    """A job the daemon crashed on (status running, attempts used up) that the user
+    cancels meanwhile is filed as cancelled at the next start: no model is loaded and
+    nothing re-validated for it, and it is not reported as having failed."""
+    cfg = make_config(tmp_path)
+    spool = tmp_path / "spool"
+    src = write_jsonl(tmp_path / "crashed.jsonl", _requests("c", 10))
+    job_id = new_job_id("crashed.jsonl")
+    job = spool / "processing" / job_id
+    _stage_job_dir(job, "crashed.jsonl", src.read_bytes(), job_id, status="running", attempts=3)
+    (job / "owner.json").write_text(json.dumps({"instance": "default", "pid": 999_999}))
+    (job / "CANCEL").write_bytes(b"")
+
+    drain(cfg)
+    done = only_job(spool, "failed")
+    st = state(done)
+    assert st["status"] == "cancelled", st
+    assert st["request_counts"] == {"total": 0, "completed": 0, "failed": 0}

@@ -193,3 +193,46 @@ def test_acquire_of_a_job_that_moved_on_is_false(tmp_path: Path) -> None:
     spool = Spool(tmp_path)
     spool.ensure_layout()
     assert not spool.acquire(spool.processing / "gone-20260101T000000-abcdef", 60)
+
+
+def test_two_daemons_taking_over_one_stale_job_at_once_do_not_both_own_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """a and b both judge the owner p stale; a takes the job over between b's look and
+    b's rename. b must notice it buried a's fresh record and step back: at most one
+    daemon may believe it owns a job."""
+    a, b = Spool(tmp_path, "a"), Spool(tmp_path, "b")
+    a.ensure_layout()
+    job = a.processing / "j-20260101T000000-abcdef"
+    job.mkdir()
+    (job / "owner.json").write_text(json.dumps({"instance": "p", "hostname": "h", "pid": 1}))
+    real_move = fsio.move
+    raced = []
+
+    def move(src: Path, dst: Path) -> None:
+        if not raced and dst.name.startswith("owner.json.b."):
+            raced.append(True)
+            assert a.acquire(job, stale_after_s=60)  # a, in between b's look and rename
+        real_move(src, dst)
+
+    monkeypatch.setattr(fsio, "move", move)
+    b_owns = b.acquire(job, stale_after_s=60)
+    a_owns = a.still_owner(job)
+    assert raced and not (a_owns and b_owns)
+    assert not b_owns
+    monkeypatch.setattr(fsio, "move", real_move)
+    assert a.acquire(job, stale_after_s=60) or b.acquire(job, stale_after_s=60)
+
+
+def test_an_entry_named_like_a_job_file_is_still_rejected(tmp_path: Path) -> None:
+    """A stray `state.json` dropped into incoming/ must not collide with the reject
+    staging dir's own state.json (it used to stay in incoming/ forever)."""
+    spool = Spool(tmp_path)
+    spool.ensure_layout()
+    (spool.incoming / "state.json").write_text("{}")
+    entry = classify(spool.incoming / "state.json")
+    assert entry is not None and entry.kind is Kind.NOT_A_JOB
+    job_id = spool.reject(entry, "not a job")
+    assert job_id and not (spool.incoming / "state.json").exists()
+    assert (spool.failed / job_id / "rejected-state.json").read_text() == "{}"
+    assert load_state(spool.failed / job_id).status == "failed"
