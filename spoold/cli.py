@@ -110,7 +110,7 @@ def cmd_retry(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from spoold.validate import DUPLICATE, LineError, NotUtf8Error, model_mismatch, scan_file
+    from spoold.validate import DUPLICATE, LineError, NotUtf8Error, one_model, scan_file
 
     cfg = _load_optional(args)
     limits = cfg.limits
@@ -134,23 +134,15 @@ def cmd_validate(args: argparse.Namespace) -> int:
         if size > limits.max_file_bytes:
             problem(f"{size} bytes, over limits.max_file_bytes ({limits.max_file_bytes})")
         total = 0
-        job_model: str | None = None  # the first valid request's model, as the daemon picks it
-        mismatched: set[int] = set()
         try:
-            # A rough line count (~100 bytes a line) decides whether ids spill to disk.
-            for item in scan_file(f, limits.max_line_bytes, expected=size // 100):
+            # A rough line count (~100 bytes a line) decides whether ids spill to disk;
+            # the job's model is its first valid request's, as the daemon picks it.
+            items = scan_file(f, limits.max_line_bytes, expected=size // 100)
+            for item in one_model(items, cfg.engine.resolve_model):
                 if isinstance(item, LineError) and item.code == DUPLICATE:
-                    if item.line in mismatched:
-                        continue  # already a problem: its model
                     valid -= 1  # replaces a line counted as valid above
                 else:
                     total += 1
-                if not isinstance(item, LineError):
-                    wanted = cfg.engine.resolve_model(item.body.get("model"))
-                    job_model = job_model or wanted
-                    if wanted != job_model:
-                        item = model_mismatch(item, wanted, job_model)
-                        mismatched.add(item.line)
                 if isinstance(item, LineError):
                     problem(item.message)
                 else:

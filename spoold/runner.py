@@ -37,11 +37,10 @@ from spoold.job import (
 from spoold.spool import Spool
 from spoold.validate import (
     DUPLICATE,
-    LineError,
     NotUtf8Error,
     Request,
     iter_lines,
-    model_mismatch,
+    one_model,
     read_request,
     scan_file,
 )
@@ -217,27 +216,16 @@ class Runner:
         expected = counts.total
         counts.total = counts.failed = counts.completed = 0
         rejected: list[int] = []
-        model = self.engine.model
-        runs_here: set[object] = set()  # body.model values seen to map to the job's model
-        mismatched: set[int] = set()  # lines already dead-lettered for their model
         with AppendLog(job_dir / ERRORS, 0) as errors, open(job_dir / INPUT, "rb") as f:
             try:
-                for item in scan_file(f, self.cfg.limits.max_line_bytes, job_dir, expected):
+                items = scan_file(f, self.cfg.limits.max_line_bytes, job_dir, expected)
+                resolve = self.cfg.engine.resolve_model
+                for item in one_model(items, resolve, self.engine.model):
                     if isinstance(item, Request):
                         counts.total += 1
-                        name = item.body.get("model")
-                        if name in runs_here:
-                            continue
-                        mismatch = self._check_model(item, model)
-                        if mismatch is None:
-                            runs_here.add(name)
-                            continue
-                        item = mismatch
-                        mismatched.add(item.line)
-                    elif item.code != DUPLICATE:  # a duplicate replaces a counted line
+                        continue
+                    if item.code != DUPLICATE:  # a duplicate replaces a line already counted
                         counts.total += 1
-                    elif item.line in mismatched:
-                        continue  # one error line per line: it has its model_mismatch
                     counts.failed += 1
                     rejected.append(item.line)
                     errors.append(
@@ -265,11 +253,6 @@ class Runner:
                 validated=True, errors_bytes=errors.size, failed=counts.failed
             )
         save_state(job_dir, state)
-
-    def _check_model(self, request: Request, job_model: str) -> LineError | None:
-        """A job runs on one model; a line whose body.model maps to another is an error."""
-        wanted = self.cfg.engine.resolve_model(request.body.get("model"))
-        return None if wanted == job_model else model_mismatch(request, wanted, job_model)
 
     # -- running (design §5) ---------------------------------------------------------
 

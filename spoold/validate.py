@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -266,6 +266,33 @@ def model_mismatch(request: Request, wanted: str, job_model: str) -> LineError:
         f"{wanted!r}, but this job runs on {job_model!r} (set by its first request): "
         "submit requests for another model in a separate file",
     )
+
+
+def one_model(
+    items: Iterable[Request | LineError],
+    resolve: Callable[[object], str],
+    job_model: str | None = None,
+) -> Iterator[Request | LineError]:
+    """`scan_file`'s items with the one-model-per-job rule applied (for the runner and
+    `spoold validate` alike): a valid line whose body.model `resolve`s to another model
+    than the job's (`job_model`, else the first valid line's) becomes a model_mismatch
+    error, and its later duplicate_custom_id replacement is dropped: one error a line."""
+    fine: set[object] = set()  # body.model values known to run on the job's model
+    mismatched: set[int] = set()
+    for item in items:
+        if isinstance(item, Request):
+            name = item.body.get("model")
+            if name not in fine:
+                wanted = resolve(name)
+                job_model = job_model or wanted
+                if wanted != job_model:
+                    mismatched.add(item.line)
+                    yield model_mismatch(item, wanted, job_model)
+                    continue
+                fine.add(name)
+        elif item.code == DUPLICATE and item.line in mismatched:
+            continue
+        yield item
 
 
 def duplicate_error(line: int, custom_id: str, first_line: int) -> LineError:
