@@ -28,7 +28,7 @@ from spoold.heartbeat import Heartbeat, beat_age, read_heartbeat
 from spoold.job import CANCELLED, INPUT, QUEUED, RUNNING, TERMINAL, JobState, load_state
 from spoold.metrics import MetricsWriter
 from spoold.notify import Notifier
-from spoold.runner import DiskFull, Runner, cut_to_checkpoint, finish_job
+from spoold.runner import DISK_FULL_ERRNOS, DiskFull, Runner, cut_to_checkpoint, finish_job
 from spoold.spool import Entry, Kind, QueueLoad, SettleTracker, Spool, count_requests
 from spoold.validate import first_request
 from spoold.watch import Watcher
@@ -107,7 +107,6 @@ class Daemon:
             self.metrics = MetricsWriter(Path(cfg.metrics.textfile), cfg.spool_dir, cfg.instance)
         self.heartbeat.on_beat = self._on_beat
         self.poll_s = 5.0  # how often a throttled daemon looks again
-        self._drain = False
         self._next_admit = 0.0  # when a running job's progress may admit files next
         self._current_job: str | None = None  # the job this daemon is running
         # recover() has just done it at start-up.
@@ -149,7 +148,6 @@ class Daemon:
 
     def run(self, drain: bool = False) -> int:
         """recover → (admit → run one job)* until stopped (or drained). The exit code."""
-        self._drain = drain
         self._check_instance_free()
         self.spool.recover(self.cfg.heartbeat.stale_after_s)
         self.heartbeat.start()
@@ -172,8 +170,11 @@ class Daemon:
                 report = self.admit()
                 try:
                     ran = self.run_next_job()
-                except OSError as e:
-                    if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                except (DiskFull, OSError) as e:
+                    # A full disk in a job's run (DiskFull) or around it (acquire, filing).
+                    if isinstance(e, OSError) and e.errno not in DISK_FULL_ERRNOS:
+                        raise
+                    if drain and isinstance(e, DiskFull):
                         raise
                     if drain:
                         raise DiskFull(str(e)) from e
@@ -524,12 +525,8 @@ class Daemon:
         with structlog.contextvars.bound_contextvars(job_id=state.id):
             try:
                 runner.run(job_dir)
-            except EngineFatal:
-                raise
-            except DiskFull as e:
-                if self._drain:
-                    raise
-                self._wait_throttled(f"disk full: {e}")
+            except (EngineFatal, DiskFull):
+                raise  # the main loop's to handle
             except Exception:
                 # Never die for one job: its attempt counter ends a job that keeps failing.
                 log.exception("job run failed")

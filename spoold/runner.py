@@ -54,6 +54,9 @@ class DiskFull(Exception):
     """The spool's filesystem is full; the job is intact and waits for room."""
 
 
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
 class JobFailed(Exception):
     """The whole job cannot run (not UTF-8, no valid line); the message says why."""
 
@@ -176,7 +179,7 @@ class Runner:
             state.error = str(e)
             return self._finish(job_dir, state, FAILED, jlog)
         except OSError as e:
-            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            if e.errno not in DISK_FULL_ERRNOS:
                 raise
             # Disk full: nothing past the checkpoint counts, so the chunk (or the
             # validation) is redone once there is room. Not the job's fault: the
