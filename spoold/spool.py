@@ -169,6 +169,12 @@ class QueueLoad:
     requests: int = 0
 
 
+def _instance(owner: dict[str, Any]) -> str | None:
+    """The instance named by an owner.json record, or None."""
+    instance = owner.get("instance")
+    return instance if isinstance(instance, str) else None
+
+
 class Spool:
     def __init__(self, root: Path, instance: str = "default") -> None:
         self.root = root
@@ -291,8 +297,7 @@ class Spool:
         return owner if isinstance(owner, dict) else {}
 
     def owner_of(self, job_dir: Path) -> str | None:
-        instance = self._owner(job_dir).get("instance")
-        return instance if isinstance(instance, str) else None
+        return _instance(self._owner(job_dir))
 
     def instance_is_stale(self, instance: str, stale_after_s: float) -> bool:
         age = heartbeat_age(self.heartbeats / f"{instance}.json")
@@ -309,8 +314,8 @@ class Spool:
         owner_path = job_dir / OWNER
         if fsio.create_exclusive(owner_path, self._owner_record()):
             return True
-        judged = self._owner(job_dir)
-        owner = self.owner_of(job_dir)
+        judged = self._owner(job_dir)  # one read: what is judged is what must be buried
+        owner = _instance(judged)
         if owner is None:
             # Half-written or unreadable owner file: judge it by its age.
             try:
