@@ -193,14 +193,22 @@ def check_body(url: str, body: Any) -> str | None:
     return None
 
 
-def _decode_slow(raw: bytes, line: int) -> str | None:
-    """The text of a line orjson refused as it is: BOM and whitespace stripped; None
-    for a blank line. Raises UnicodeDecodeError for bytes that are not UTF-8."""
-    text = raw.decode("utf-8")
-    if line == 1 and text.startswith("\ufeff"):
-        text = text[1:]
-    text = text.strip()
-    return text or None
+_BLANK = object()  # what _load says of a blank line (JSON `null` is None)
+
+
+def _load(raw: bytes, line: int) -> Any:
+    """One line's JSON value, or _BLANK. orjson parses the bytes as they are (and checks
+    they are UTF-8): the common case. What it refuses is looked at again as text, with
+    a first line's BOM and surrounding whitespace stripped. Raises JSONDecodeError for
+    what is not JSON, UnicodeDecodeError for bytes that are not UTF-8."""
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        text = raw.decode("utf-8")
+        if line == 1 and text.startswith("\ufeff"):
+            text = text[1:]
+        text = text.strip()
+        return orjson.loads(text) if text else _BLANK
 
 
 def read_request(raw: bytes, line: int) -> Request | None:
@@ -209,13 +217,9 @@ def read_request(raw: bytes, line: int) -> Request | None:
     The input never changes after the claim, and every line validation rejected is
     skipped by its number, so the run pass only needs the fields. None for a blank.
     """
-    try:
-        obj = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        text = _decode_slow(raw, line)  # a BOM or Unicode whitespace around the object
-        if text is None:
-            return None
-        obj = orjson.loads(text)
+    obj = _load(raw, line)
+    if obj is _BLANK:
+        return None
     return Request(line, obj["custom_id"], obj["url"], obj["body"])
 
 
@@ -224,18 +228,12 @@ def parse_line(raw: bytes, line: int) -> Request | LineError | None:
 
     Raises UnicodeDecodeError for bytes that are not UTF-8 (the whole file fails).
     """
-    # orjson parses the bytes as they are (and checks they are UTF-8): the common case.
-    # What it refuses is looked at again as text, for a BOM, a blank line or the error.
     try:
-        obj = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        text = _decode_slow(raw, line)
-        if text is None:
-            return None
-        try:
-            obj = orjson.loads(text)
-        except orjson.JSONDecodeError as e:
-            return LineError(line, None, "invalid_json", f"line {line}: not valid JSON ({e})")
+        obj = _load(raw, line)
+    except orjson.JSONDecodeError as e:
+        return LineError(line, None, "invalid_json", f"line {line}: not valid JSON ({e})")
+    if obj is _BLANK:
+        return None
     if type(obj) is not dict:
         return LineError(line, None, "invalid_request", f"line {line}: must be a JSON object")
     custom_id = obj.get("custom_id")
