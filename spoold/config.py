@@ -24,6 +24,11 @@ class FakeEngineConfig:
     delay_per_request_s: float = 0.0
     fail_marker: str | None = None
     crash_marker: str | None = None
+    # A request whose text includes this kills the engine but not the process, as
+    # vLLM's engine core dying does (EngineDeadError); the engine must be reloaded.
+    die_marker: str | None = None
+    # A model whose name includes this cannot be loaded (as one missing from the hub).
+    load_fail_marker: str | None = None
     batch_size: int = 64
 
 
@@ -68,6 +73,15 @@ class ProcessingConfig:
     chunk_size: int = 5000
     max_job_attempts: int = 3
     stop_timeout_s: float = 60.0
+    # A chunk also commits once its uncommitted results pass this many bytes.
+    max_chunk_bytes: int = 256 * 1024 * 1024
+    # A model that fails to load is tried again after this, doubling up to 1800 s …
+    model_retry_s: float = 30.0
+    # … and after this many failed loads its queued jobs fail.
+    max_model_load_attempts: int = 5
+    # A job whose run hit an I/O error (EIO, EACCES, ESTALE…) waits this long before
+    # it is tried again, doubling up to 300 s; its attempt is not counted.
+    io_retry_s: float = 5.0
     # SPEC: jobs start in arrival order. True lets queued jobs for the loaded model go
     # before older ones for another model (fewer model switches, not FIFO).
     prefer_loaded_model: bool = False
@@ -125,6 +139,10 @@ _POSITIVE = {
     "processing.chunk_size",
     "processing.max_job_attempts",
     "processing.stop_timeout_s",
+    "processing.max_chunk_bytes",
+    "processing.model_retry_s",
+    "processing.max_model_load_attempts",
+    "processing.io_retry_s",
     "heartbeat.interval_s",
     "heartbeat.stale_after_s",
     "engine.tensor_parallel_size",
@@ -225,6 +243,16 @@ def _check_relations(cfg: Config) -> None:
         raise ConfigError("engine.gpu_memory_utilization: must be in (0, 1]")
     if cfg.gpu.max_memory_percent > 100:
         raise ConfigError("gpu.max_memory_percent: must be at most 100")
+    if cfg.engine.backend == "vllm" and (
+        cfg.engine.gpu_memory_utilization * 100 >= cfg.gpu.max_memory_percent
+    ):
+        # vLLM takes that share of the GPU for itself: the guard would then see the GPU
+        # over its limit before every chunk, and throttle forever once the model loaded.
+        raise ConfigError(
+            f"engine.gpu_memory_utilization ({cfg.engine.gpu_memory_utilization}) must stay "
+            f"below gpu.max_memory_percent ({cfg.gpu.max_memory_percent:g} %): the loaded "
+            "model alone would hold the GPU over the limit and every chunk would wait"
+        )
     if cfg.limits.min_free_disk_mb < 0:
         raise ConfigError("limits.min_free_disk_mb: must not be negative (0 turns the check off)")
     if cfg.gpu.resume_temperature_c > cfg.gpu.max_temperature_c:

@@ -21,14 +21,25 @@ from typing import Any
 
 import structlog
 
+from spoold.backoff import Backoff
 from spoold.config import Config, ConfigError
-from spoold.engines.base import Engine, EngineFatal
+from spoold.engines.base import Engine, EngineFatal, ModelLoadError
+from spoold.execution import Hooks
 from spoold.gpu import GpuGuard, GpuReader
 from spoold.heartbeat import Heartbeat, beat_age, read_heartbeat
-from spoold.job import CANCELLED, INPUT, QUEUED, RUNNING, TERMINAL, JobState, load_state
+from spoold.job import CANCELLED, FAILED, INPUT, QUEUED, RUNNING, TERMINAL, JobState, load_state
 from spoold.metrics import MetricsWriter
 from spoold.notify import Notifier
-from spoold.runner import DISK_FULL_ERRNOS, DiskFull, Runner, cut_to_checkpoint, finish_job
+from spoold.runner import (
+    DISK_FULL_ERRNOS,
+    DiskFull,
+    IOFailure,
+    Runner,
+    cut_to_checkpoint,
+    finish_job,
+    give_back,
+    restart_from_scratch,
+)
 from spoold.spool import Entry, Kind, QueueLoad, SettleTracker, Spool, count_requests
 from spoold.validate import first_request
 from spoold.watch import Watcher
@@ -66,8 +77,36 @@ def _spoold_alive(pid: object) -> bool:
         return True  # no /proc to tell: assume it is
 
 
-class _Stopping(Exception):
-    """Asked to stop while waiting to load a model."""
+MODEL_RETRY_CAP_S = 1800.0
+JOB_RETRY_CAP_S = 300.0  # a job whose run hit an I/O error
+
+
+class _Engines:
+    """The runner's engine source for one job's model (execution.EngineSource)."""
+
+    def __init__(self, daemon: Daemon, model: str) -> None:
+        self.daemon = daemon
+        self.model = model
+
+    def get(self) -> Engine | None:
+        return self.daemon._engine_for(self.model)
+
+    def reload(self) -> Engine:
+        """After an engine death: close what is left and load afresh. A daemon that
+        cannot load its model again exits (the service manager restarts it)."""
+        daemon = self.daemon
+        if daemon.engine is not None:
+            with contextlib.suppress(Exception):
+                daemon.engine.close()
+            daemon.engine = None
+        log.warning("reloading the engine after its death", model=self.model)
+        try:
+            engine = daemon._engine_for(self.model)
+        except ModelLoadError as e:
+            raise EngineFatal(f"the engine died and cannot be reloaded: {e}") from e
+        if engine is None:
+            raise EngineFatal("stopping while the engine was being reloaded")
+        return engine
 
 
 class Daemon:
@@ -96,6 +135,18 @@ class Daemon:
         # once in the log; listed in the heartbeat's problems while they stay.
         self._unmovable: dict[str, float] = {}
         self._job_models: dict[str, str] = {}
+        # What is wrong now, by topic ("model:…", "job:…", "incoming:…"): the heartbeat's
+        # `problems`, so spool-status shows it.
+        self._problems: dict[str, str] = {}
+        p = cfg.processing
+        self.model_loads = Backoff(p.model_retry_s, max(p.model_retry_s, MODEL_RETRY_CAP_S), clock)
+        self.job_retries = Backoff(p.io_retry_s, max(p.io_retry_s, JOB_RETRY_CAP_S), clock)
+        self.models_failed = 0  # jobs filed as failed because their model never loaded
+        # Jobs whose input changed after the claim, settling again (design §5c): job id →
+        # (the input's size and mtime, when first seen so).
+        self._resettle: dict[str, tuple[tuple[int, int], float]] = {}
+        self._current_dir: Path | None = None
+        self.hooks = Hooks(self.stop_requested.is_set, self._progress, self.gate)
         limits = {k: getattr(cfg.limits, k) for k in vars(cfg.limits)}
         limits["chunk_size"] = cfg.processing.chunk_size
         self.heartbeat = Heartbeat(cfg.heartbeat_path, cfg.heartbeat.interval_s, limits)
@@ -142,6 +193,14 @@ class Daemon:
             stop_timeout_s=self.cfg.processing.stop_timeout_s,
         )
         self.notifier.stopping()
+        # Not a crash of the job (SPEC §3): its attempt is given back, under the commit
+        # lock so that no commit is half done (design §3). A commit stuck in a hung
+        # fsync keeps the lock: then the attempt stays counted, and we go anyway.
+        job_dir = self._current_dir
+        if job_dir is not None and self.hooks.commit_lock.acquire(timeout=2.0):
+            with contextlib.suppress(OSError, ValueError):
+                if self.spool.still_owner(job_dir):
+                    give_back(job_dir)
         with contextlib.suppress(OSError):
             self.heartbeat.stop("stopping")
         os._exit(0)
@@ -182,6 +241,8 @@ class Daemon:
                     continue
                 if ran:
                     continue
+                if drain and len(self.model_loads) and self.run_next_job(ignore_backoff=True):
+                    continue  # only jobs of models that failed to load are left: try now
                 if drain and not self._drain_should_wait(report):
                     break
                 self._idle(report)
@@ -191,6 +252,10 @@ class Daemon:
         except DiskFull as e:  # only with --drain: the live loop waits for room instead
             log.error("the spool's disk is full; stopping the drain", error=str(e))
             code = 1
+        else:
+            if drain and self.models_failed:
+                log.error("jobs failed because their model could not load", jobs=self.models_failed)
+                code = 1
         finally:
             if watcher is not None:
                 watcher.stop()
@@ -244,14 +309,21 @@ class Daemon:
         self.notifier.status(f"idle; {waiting} file(s) waiting for room" if waiting else "idle")
         now = self.clock()
         waits = [self.settle.wait_left(e, now) for e in report.settling]
-        timeout = min([*waits, self._max_idle_s, self._next_take_over - now])
+        due = [d - now for d in (self.model_loads.next_due(), self.job_retries.next_due()) if d]
+        timeout = min([*waits, *due, self._max_idle_s, self._next_take_over - now])
+        if self._resettle:
+            timeout = min(timeout, self.cfg.watch.settle_seconds)
         self.wake.wait(max(0.05, timeout))
         self.wake.clear()
 
     def _drain_should_wait(self, report: AdmitReport) -> bool:
-        """--drain waits for files about to settle, not for uploads still growing."""
-        return any(e.name not in self.settle.changed for e in report.settling) or bool(
-            report.waiting
+        """--drain waits for files about to settle (not for uploads still growing), for
+        claimed inputs settling again, and for jobs waiting out an I/O error's backoff."""
+        return (
+            any(e.name not in self.settle.changed for e in report.settling)
+            or bool(report.waiting)
+            or bool(self._resettle)
+            or bool(len(self.job_retries))
         )
 
     # -- admission ------------------------------------------------------------------
@@ -263,9 +335,9 @@ class Daemon:
         names = {e.name for e in entries}
         self.settle.prune(names)
         self._counts = {k: v for k, v in self._counts.items() if k in names}
-        if self._unmovable.keys() - names:  # gone or renamed: no longer a problem
-            self._unmovable = {k: v for k, v in self._unmovable.items() if k in names}
-            self.heartbeat.set(problems=sorted(self._unmovable))
+        for gone in self._unmovable.keys() - names:  # gone or renamed: no longer a problem
+            del self._unmovable[gone]
+            self._problem(f"incoming:{gone}", None)
         load: QueueLoad | None = None
         now = self.clock()
         for entry in entries:
@@ -367,12 +439,25 @@ class Daemon:
                 error=str(error),
             )
         self._unmovable[entry.name] = self.clock() + UNMOVABLE_RETRY_S
-        self.heartbeat.set(problems=sorted(self._unmovable))
+        self._problem(
+            f"incoming:{entry.name}", f"cannot move incoming/{entry.name}: {reason}: {error}"
+        )
 
     def _movable_again(self, name: str) -> None:
         if self._unmovable.pop(name, None) is not None:
             log.info("entry moved out of incoming/ after all", entry=name)
-            self.heartbeat.set(problems=sorted(self._unmovable))
+            self._problem(f"incoming:{name}", None)
+
+    def _problem(self, topic: str, text: str | None) -> None:
+        """Say (or, with None, stop saying) what is wrong about `topic` in the heartbeat."""
+        if text is None:
+            if self._problems.pop(topic, None) is None:
+                return
+        elif self._problems.get(topic) == text:
+            return
+        else:
+            self._problems[topic] = text
+        self.heartbeat.set(problems=[self._problems[k] for k in sorted(self._problems)])
 
     def _on_beat(self, beat: dict[str, Any]) -> None:
         """After each heartbeat (its own thread): metrics, and the watchdog while a model
@@ -425,9 +510,11 @@ class Daemon:
 
     # -- running --------------------------------------------------------------------
 
-    def run_next_job(self) -> bool:
+    def run_next_job(self, ignore_backoff: bool = False) -> bool:
         """Run the oldest job we can own (SPEC: arrival order; with
-        processing.prefer_loaded_model, the loaded model's first). False if none."""
+        processing.prefer_loaded_model, the loaded model's first). False if none.
+        Jobs of a model in its load backoff, and jobs waiting out an I/O error, wait
+        (design §8); `ignore_backoff` tries them now (--drain, nothing else left)."""
         jobs = [(d, st) for d, st in self.spool.active_jobs() if st.status not in TERMINAL]
         jobs = self._finish_cancelled(jobs)
         if self.metrics is not None:
@@ -436,16 +523,86 @@ class Daemon:
         self._job_models = {
             st.id: self._job_models.get(st.id) or self._model_of(d, st) for d, st in jobs
         }
+        jobs = self._fail_unloadable(jobs)
         if self.cfg.processing.prefer_loaded_model:
             # Don't switch back and forth: jobs for the loaded model go first.
             loaded = self.engine.model if self.engine is not None else None
             jobs.sort(key=lambda j: self._job_models[j[1].id] != loaded)
         for job_dir, state in jobs:
+            model = self._job_models[state.id]
+            if not ignore_backoff and (
+                self.model_loads.waiting(model) or self.job_retries.waiting(state.id)
+            ):
+                continue
+            if ignore_backoff and self.model_loads.get(model) is None:
+                continue
+            if not self._input_settled(job_dir, state):
+                continue
             if not self.spool.acquire(job_dir, self.cfg.heartbeat.stale_after_s):
                 continue
-            self._run_job(job_dir, state, self._job_models[state.id])
+            self._run_job(job_dir, state, model)
             return True
         return False
+
+    def _fail_unloadable(self, jobs: list[tuple[Path, JobState]]) -> list[tuple[Path, JobState]]:
+        """File the queued jobs of a model that failed processing.max_model_load_attempts
+        loads in failed/, naming the model and its last error; the jobs left to run."""
+        limit = self.cfg.processing.max_model_load_attempts
+        left = []
+        for job_dir, state in jobs:
+            model = self._job_models[state.id]
+            failing = self.model_loads.get(model)
+            if failing is None or failing.attempts < limit:
+                left.append((job_dir, state))
+                continue
+            if not self.spool.acquire(job_dir, self.cfg.heartbeat.stale_after_s):
+                continue
+            try:
+                state = load_state(job_dir)  # as owner: the record as last committed
+                cut_to_checkpoint(job_dir, state)
+                state.error = (
+                    f"model {model!r} could not be loaded ({failing.attempts} attempts, "
+                    f"processing.max_model_load_attempts = {limit}): {failing.error}; "
+                    f"check engine.model / engine.models, then `spoold retry {state.id}`"
+                )
+                finish_job(self.spool, job_dir, state, FAILED, log.bind(job_id=state.id))
+                self.models_failed += 1
+            except (OSError, ValueError) as e:  # a full disk, a peer first: next pass
+                log.warning("cannot file a job of an unloadable model yet", error=str(e))
+        return left
+
+    def _input_settled(self, job_dir: Path, state: JobState) -> bool:
+        """Whether a job's input is as claimed, or has settled again after a change
+        (design §5c): then the job restarts from the start, here, before it runs."""
+        try:
+            st = os.lstat(job_dir / INPUT)
+        except OSError:
+            return True  # the run reports what is wrong with it
+        now_fp = (st.st_size, st.st_mtime_ns)
+        if state.input_size < 0 or now_fp == (state.input_size, state.input_mtime_ns):
+            self._resettle.pop(state.id, None)
+            return True
+        seen = self._resettle.get(state.id)
+        now = self.clock()
+        if seen is None or seen[0] != now_fp:
+            self._resettle[state.id] = (now_fp, now)
+            return False
+        if now - seen[1] < self.cfg.watch.settle_seconds:
+            return False
+        if not self.spool.acquire(job_dir, self.cfg.heartbeat.stale_after_s):
+            return False
+        del self._resettle[state.id]
+        log.warning(
+            "the input changed after the claim and has settled again; restarting the job "
+            "from the start",
+            job_id=state.id,
+            claimed_bytes=state.input_size,
+            now_bytes=st.st_size,
+        )
+        fresh = load_state(job_dir)
+        restart_from_scratch(job_dir, fresh, *now_fp)
+        state.input_size, state.input_mtime_ns = now_fp
+        return True
 
     def _finish_cancelled(self, jobs: list[tuple[Path, JobState]]) -> list[tuple[Path, JobState]]:
         """File jobs with a CANCEL request that nobody is running (queued, or left
@@ -479,57 +636,83 @@ class Daemon:
             first = None
         return self.cfg.engine.resolve_model(first.body.get("model") if first else None)
 
-    def _engine_for(self, model: str) -> Engine:
+    def _engine_for(self, model: str) -> Engine | None:
+        """The engine for `model`, loaded if needed; None when asked to stop while
+        waiting to load it. A load that fails is remembered for its backoff (design §8)
+        and raised as ModelLoadError."""
         if self.engine is not None and self.engine.model != model:
             log.info("switching model", old=self.engine.model, new=model)
             self.engine.close()
             self.engine = None
         if self.engine is None:
             if not self.gate():  # SPEC §7: no model load onto a hot or full GPU
-                raise _Stopping
+                return None
             self.heartbeat.set(status="loading_model", model=model)
             self.notifier.status(f"loading model {model}")
             try:
                 self.engine = self.engine_factory(model)
             except Exception as e:
-                raise EngineFatal(
-                    f"cannot load model {model!r} (engine.model / engine.models in the "
-                    f"config): {type(e).__name__}: {e}"
-                ) from e
+                error = f"{type(e).__name__}: {e}".replace("\n", " ")[:1000]
+                failing = self.model_loads.failed(model, error)
+                limit = self.cfg.processing.max_model_load_attempts
+                wait = max(0.0, failing.retry_at - self.clock())
+                log.error(
+                    "cannot load model",
+                    model=model,
+                    attempt=failing.attempts,
+                    max_attempts=limit,
+                    retry_in_s=round(wait),
+                    error=error,
+                )
+                self._problem(
+                    f"model:{model}",
+                    f"model {model!r} cannot be loaded ({failing.attempts} of {limit} attempts"
+                    f"; next in {wait:.0f} s; engine.model / engine.models): {error}",
+                )
+                raise ModelLoadError(error) from e
+            if self.model_loads.succeeded(model):
+                self._problem(f"model:{model}", None)
+            self.heartbeat.set(status="processing")  # loads happen inside a job's run
             self.engine.on_step = self.notifier.watchdog
         return self.engine
 
     def _run_job(self, job_dir: Path, state: JobState, model: str) -> None:
-        try:
-            engine = self._engine_for(model)
-        except _Stopping:
-            return
         self._current_job = state.id  # not to be cancelled as "queued" under its runner
+        self._current_dir = job_dir
         try:
-            self._run_acquired(job_dir, state, engine)
+            self._run_acquired(job_dir, state, model)
         finally:
             self._current_job = None
+            self._current_dir = None
 
-    def _run_acquired(self, job_dir: Path, state: JobState, engine: Engine) -> None:
+    def _run_acquired(self, job_dir: Path, state: JobState, model: str) -> None:
         self.heartbeat.set(status="processing")
         self._progress(state, 0, 0.0)
-        runner = Runner(
-            self.spool,
-            self.cfg,
-            engine,
-            should_stop=self.stop_requested.is_set,
-            on_progress=self._progress,
-            gate=self.gate,
-        )
+        runner = Runner(self.spool, self.cfg, _Engines(self, model), self.hooks)
+        topic = f"job:{state.id}"
         # Every log line while the job runs carries job_id, the engine's own included.
         with structlog.contextvars.bound_contextvars(job_id=state.id):
             try:
                 runner.run(job_dir)
             except (EngineFatal, DiskFull):
                 raise  # the main loop's to handle
-            except Exception:
-                # Never die for one job: its attempt counter ends a job that keeps failing.
-                log.exception("job run failed")
+            except ModelLoadError:
+                return  # remembered by _engine_for; the job waits for the next try
+            except Exception as e:
+                # Never die for one job, and never retry it at once: an I/O error (its
+                # attempt given back) or a bug (its attempt counted) waits a backoff.
+                failing = self.job_retries.failed(state.id, f"{type(e).__name__}: {e}")
+                wait = failing.retry_at - self.clock()
+                if isinstance(e, IOFailure):
+                    log.error("job run hit an I/O error", error=str(e), retry_in_s=round(wait))
+                else:
+                    log.exception("job run failed", retry_in_s=round(wait))
+                self._problem(
+                    topic, f"job {state.id}: {failing.error} (tried again in {wait:.0f} s)"
+                )
+                return
+        if self.job_retries.succeeded(state.id):
+            self._problem(topic, None)
 
     def _progress(self, state: JobState, tokens: int, rate: float) -> None:
         """Work moved: heartbeat fields, metrics, systemd status and watchdog; and files

@@ -62,6 +62,16 @@ class Checkpoint:
 
 
 @dataclass
+class Isolation:
+    """Requests suspected of killing the engine, being bisected (design §5a)."""
+
+    suspects: list[int] = field(default_factory=list)  # line numbers, ascending
+    groups: list[int] = field(default_factory=list)  # sizes partitioning suspects, in order
+    strikes: int = 0  # crashes of the first group while it ran alone (a single line)
+    trying: bool = False  # the first group is being fed: a crash now is its fault
+
+
+@dataclass
 class RequestCounts:
     total: int = 0
     completed: int = 0
@@ -85,6 +95,12 @@ class JobState:
     rejected_lines: list[int] = field(default_factory=list)
     file_bytes: int = 0
     requests_in_file: int = 0
+    # The input as claimed (design §5c): a change later means an upload still writing.
+    input_size: int = -1
+    input_mtime_ns: int = 0
+    # No line above this was handed to the engine since the checkpoint (design §5a).
+    fed_through: int = 0
+    isolation: Isolation = field(default_factory=Isolation)
     instance: str | None = None
     updated_at: str = field(default_factory=utcnow)
 
@@ -110,6 +126,7 @@ class JobState:
         values = {k: v for k, v in raw.items() if k in known}
         values["request_counts"] = RequestCounts(**raw.get("request_counts", {}))
         values["checkpoint"] = Checkpoint(**raw.get("checkpoint", {}))
+        values["isolation"] = Isolation(**raw.get("isolation", {}))
         return cls(**values)
 
 

@@ -1,23 +1,22 @@
-"""One job: validate → stream input → engine → formatted lines → commit → finish.
+"""One job: count the attempt → validate → run (spoold.execution) → check the books → file.
 
-The commit protocol (design §5): sync output.jsonl and errors.jsonl, then replace
-state.json with the checkpoint. Anything after the checkpoint is redone on resume.
+Design §3 (attempts), §4 (validation), §5a (narrowing the suspects of a crash at the
+start of the next attempt), §5b (the ledger), §6 (finish).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+import os
 from pathlib import Path
 
 import structlog
 
-from spoold import formats
+from spoold import formats, isolation, ledger
 from spoold.config import Config
-from spoold.engines.base import Completion, Engine, EngineFatal, Failure, Outcome
+from spoold.engines.base import ModelLoadError
+from spoold.execution import ENGINE_CRASH, EngineSource, Execution, Hooks, input_changed
 from spoold.fsio import AppendLog
 from spoold.job import (
     CANCELLED,
@@ -29,29 +28,26 @@ from spoold.job import (
     QUEUED,
     RUNNING,
     Checkpoint,
+    Isolation,
     JobState,
     load_state,
     save_state,
     utcnow,
 )
 from spoold.spool import Spool
-from spoold.validate import (
-    DUPLICATE,
-    NotUtf8Error,
-    Request,
-    iter_lines,
-    one_model,
-    read_request,
-    scan_file,
-)
+from spoold.validate import DUPLICATE, NotUtf8Error, Request, iter_lines, one_model, read_request
+from spoold.validate import scan_file as scan_input
 
 log = structlog.get_logger("spoold.runner")
-
-ProgressFn = Callable[[JobState, int, float], None]  # (state, tokens this run, tokens/s)
 
 
 class DiskFull(Exception):
     """The spool's filesystem is full; the job is intact and waits for room."""
+
+
+class IOFailure(Exception):
+    """Reading the input or writing results failed (EIO, EACCES, ESTALE, …): not the
+    job's fault. Its attempt was given back; the daemon tries it again later."""
 
 
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
@@ -61,47 +57,27 @@ class JobFailed(Exception):
     """The whole job cannot run (not UTF-8, no valid line); the message says why."""
 
 
-@dataclass
-class _Run:
-    """Mutable bookkeeping of one run of a job: what was handed out, what came back."""
-
-    next_line: int
-    next_offset: int
-    pending: dict[int, tuple[int, Request]] = field(default_factory=dict)
-    done: set[int] = field(default_factory=set)
-    since_commit: int = 0
-    halt: str | None = None  # why feeding stopped: "stop", "cancel", "lost"
-    failure: Exception | None = None  # an error of ours (input, results), not the engine's
-    tokens: int = 0
-    started: float = field(default_factory=time.monotonic)
-    next_report: float = 0.0
+class _InputChanged(Exception):
+    """The input changed after the claim (design §5c)."""
 
 
 def finish_job(
     spool: Spool, job_dir: Path, state: JobState, status: str, jlog: structlog.BoundLogger
 ) -> None:
-    """Give a job its terminal status and file it under done/ or failed/."""
+    """Give a job its terminal status and file it under done/ or failed/. The counts
+    are what the files hold; `total` stays the input's line count (SPEC §3: nothing
+    may hide a gap)."""
     state.transition(status)
-    # Once finished, total = completed + failed (SPEC §4); what the file held
-    # stays in requests_in_file.
-    c = state.request_counts
-    c.total = c.completed + c.failed
     spool.finish(job_dir, state)
+    c = state.request_counts
     jlog.info(
-        "job finished", status=status, completed=c.completed, failed=c.failed, error=state.error
+        "job finished",
+        status=status,
+        completed=c.completed,
+        failed=c.failed,
+        total=c.total,
+        error=state.error,
     )
-
-
-def _check_complete(job_dir: Path, state: JobState, run: _Run) -> None:
-    """A run that was not stopped ends done only when every line was read and every
-    request answered; anything else (an engine that lost a request) fails the job,
-    with what was committed kept, rather than completing it short or retrying forever."""
-    size = (job_dir / INPUT).stat().st_size
-    if run.pending or run.next_offset < size:
-        raise JobFailed(
-            f"{state.source_name}: the engine run ended at byte {run.next_offset} of {size} "
-            f"with {len(run.pending)} request(s) unanswered; results so far are kept"
-        )
 
 
 def cut_to_checkpoint(job_dir: Path, state: JobState) -> None:
@@ -118,24 +94,42 @@ def cut_to_checkpoint(job_dir: Path, state: JobState) -> None:
     state.request_counts.completed, state.request_counts.failed = ck.completed, ck.failed
 
 
+def give_back(job_dir: Path) -> None:
+    """The run ended for a reason that is not the job's (design §3): the record as
+    last committed, its attempt returned and its crash evidence cleared."""
+    committed = load_state(job_dir)
+    if committed.status == RUNNING:
+        committed.transition(QUEUED)
+    committed.attempts = max(0, committed.attempts - 1)
+    committed.fed_through = 0
+    committed.isolation.trying = False
+    save_state(job_dir, committed)
+
+
+def restart_from_scratch(job_dir: Path, state: JobState, size: int, mtime_ns: int) -> None:
+    """The input changed after the claim and has settled again (design §5c): forget
+    every result and validate and run it afresh, from the new input."""
+    for name in (OUTPUT, ERRORS):
+        if (job_dir / name).exists():
+            AppendLog(job_dir / name, 0).close()
+    state.checkpoint = Checkpoint()
+    state.rejected_lines = []
+    state.request_counts.completed = state.request_counts.failed = 0
+    state.fed_through = 0
+    state.isolation = Isolation()
+    state.attempts = 0
+    state.input_size, state.input_mtime_ns = size, mtime_ns
+    if state.status == RUNNING:
+        state.transition(QUEUED)
+    save_state(job_dir, state)
+
+
 class Runner:
-    def __init__(
-        self,
-        spool: Spool,
-        cfg: Config,
-        engine: Engine,
-        should_stop: Callable[[], bool] = lambda: False,
-        on_progress: ProgressFn | None = None,
-        gate: Callable[[], bool] | None = None,
-    ) -> None:
+    def __init__(self, spool: Spool, cfg: Config, engines: EngineSource, hooks: Hooks) -> None:
         self.spool = spool
         self.cfg = cfg
-        self.engine = engine
-        self.should_stop = should_stop
-        self.on_progress = on_progress
-        # Called before each chunk is handed to the engine; blocks while the GPU is
-        # too hot or the disk too full, and says False if we must stop meanwhile.
-        self.gate = gate
+        self.engines = engines
+        self.hooks = hooks
 
     # -- the job -------------------------------------------------------------------
 
@@ -146,6 +140,8 @@ class Runner:
         if not self.spool.still_owner(job_dir):  # taken from us since we acquired it
             jlog.warning("another daemon took this job over before it started")
             return RUNNING
+        if self._narrow(job_dir, state, jlog):
+            state.attempts = 0  # narrowing the suspects is progress (design §5a)
         limit = self.cfg.processing.max_job_attempts
         if state.attempts >= limit:
             state.error = (
@@ -158,11 +154,11 @@ class Runner:
         state.transition(RUNNING)
         state.started_at = state.started_at or utcnow()
         state.instance = self.spool.instance
-        state.model = self.engine.model
-        attempt_counted = False
+        state.model = self.engines.model
+        counted = False
         try:
             save_state(job_dir, state)
-            attempt_counted = True
+            counted = True
             jlog.info("job started", attempt=state.attempts, resume=state.checkpoint.validated)
             if not state.checkpoint.validated:
                 self._validate(job_dir, state)
@@ -172,36 +168,54 @@ class Runner:
             if self.spool.cancel_requested(job_dir):
                 cut_to_checkpoint(job_dir, state)
                 return self._finish(job_dir, state, CANCELLED, jlog)
-            run = self._execute(job_dir, state)
-            if run.halt is None:
-                _check_complete(job_dir, state, run)
+            engine = self.engines.get()  # after the attempt is counted (design §3, C10)
+            if engine is None:  # asked to stop while waiting to load it
+                give_back(job_dir)
+                return QUEUED
+            with (
+                AppendLog(job_dir / OUTPUT, state.checkpoint.output_bytes) as out,
+                AppendLog(job_dir / ERRORS, state.checkpoint.errors_bytes) as err,
+                open(job_dir / INPUT, "rb") as f,
+            ):
+                execution = Execution(
+                    self.spool, self.cfg, self.engines, engine, self.hooks, job_dir, state,
+                    (out, err, f),
+                )  # fmt: skip
+                run = execution.go()
+                if run.halt is None:
+                    self._check_books(job_dir, state, execution)
         except JobFailed as e:
             state.error = str(e)
             return self._finish(job_dir, state, FAILED, jlog)
-        except OSError as e:
-            if e.errno not in DISK_FULL_ERRNOS:
+        except (ModelLoadError, _InputChanged) as e:
+            if isinstance(e, _InputChanged):
+                jlog.warning("the input changed after the claim; the job waits for it to settle")
+            give_back(job_dir)
+            if isinstance(e, ModelLoadError):
                 raise
-            # Disk full: nothing past the checkpoint counts, so the chunk (or the
-            # validation) is redone once there is room. Not the job's fault: the
-            # attempt is given back.
-            jlog.error("disk full; the job will resume from its checkpoint", error=str(e))
-            with contextlib.suppress(OSError, ValueError):
-                # The record as last committed (not this run's uncommitted counts).
-                committed = load_state(job_dir)
-                committed.transition(QUEUED)
-                if attempt_counted:
-                    committed.attempts = max(0, committed.attempts - 1)
-                save_state(job_dir, committed)
-            raise DiskFull(str(e)) from e
+            return QUEUED
+        except OSError as e:
+            # Nothing past the checkpoint counts, so the chunk (or the validation) is
+            # redone later. Not the job's fault: the attempt is given back.
+            if counted:
+                with contextlib.suppress(OSError, ValueError):
+                    give_back(job_dir)
+            if e.errno in DISK_FULL_ERRNOS:
+                jlog.error("disk full; the job will resume from its checkpoint", error=str(e))
+                raise DiskFull(str(e)) from e
+            jlog.error("I/O error; the job will resume from its checkpoint", error=str(e))
+            raise IOFailure(f"{type(e).__name__}: {e}") from e
         if run.halt == "lost":
             jlog.warning("another daemon took this job over; stopped without committing")
             return RUNNING
+        if run.halt == "changed":
+            jlog.warning("the input changed after the claim; the job waits for it to settle")
+            give_back(job_dir)
+            return QUEUED
         if run.halt == "cancel":
             return self._finish(job_dir, state, CANCELLED, jlog)
         if run.halt == "stop":
-            state.transition(QUEUED)
-            state.attempts = 0  # a clean stop is not a crash
-            save_state(job_dir, state)
+            give_back(job_dir)  # a clean stop is not a crash
             jlog.info("job paused for shutdown", completed=state.request_counts.completed)
             return QUEUED
         return self._finish(job_dir, state, COMPLETED, jlog)
@@ -209,8 +223,73 @@ class Runner:
     def _finish(
         self, job_dir: Path, state: JobState, status: str, jlog: structlog.BoundLogger
     ) -> str:
+        state.fed_through = 0
         finish_job(self.spool, job_dir, state, status, jlog)
         return status
+
+    # -- narrowing the suspects of a crash (design §5a) ------------------------------
+
+    def _narrow(self, job_dir: Path, state: JobState, jlog: structlog.BoundLogger) -> bool:
+        """Read what the last run left as crash evidence: True if it narrowed the
+        suspects (split a group, struck or dead-lettered a lone request)."""
+        iso = state.isolation
+        if iso.trying and iso.groups:
+            size = iso.groups[0]
+            culprit = isolation.blame(iso)
+            jlog.warning("the process died running suspects alone", suspects=size)
+            if culprit is not None:
+                self._dead_letter_committed(job_dir, state, culprit, jlog)
+            return True
+        if not state.fed_through:
+            return False
+        suspects = self._suspects(job_dir, state)
+        state.fed_through = 0
+        if not suspects:
+            return False
+        jlog.warning("the process died with requests in flight", suspects=len(suspects))
+        state.isolation = isolation.begin(suspects)
+        return True
+
+    def _suspects(self, job_dir: Path, state: JobState) -> list[int]:
+        """Request lines after the checkpoint, up to fed_through, not yet finished."""
+        ck = state.checkpoint
+        finished = set(ck.done_lines) | set(state.rejected_lines)
+        cap = self.cfg.limits.max_line_bytes
+        lines = []
+        with open(job_dir / INPUT, "rb") as f:
+            for line_no, _, raw in iter_lines(f, ck.input_offset, ck.next_line, cap):
+                if line_no > state.fed_through:
+                    break
+                if line_no not in finished and (raw is None or not ledger.is_blank(raw, line_no)):
+                    lines.append(line_no)
+        return lines
+
+    def _dead_letter_committed(
+        self, job_dir: Path, state: JobState, line: int, jlog: structlog.BoundLogger
+    ) -> None:
+        """Commit the engine_crash error line of a request that killed the process on
+        its own twice (design §5a)."""
+        ck = state.checkpoint
+        custom_id = None
+        cap = self.cfg.limits.max_line_bytes
+        with open(job_dir / INPUT, "rb") as f:
+            for line_no, _, raw in iter_lines(f, ck.input_offset, ck.next_line, cap):
+                if line_no == line:
+                    with contextlib.suppress(ValueError, KeyError, TypeError):
+                        request = read_request(raw, line) if raw is not None else None
+                        custom_id = request.custom_id if request is not None else None
+                    break
+        message = (
+            f"line {line}: this request crashed the engine "
+            f"({isolation.STRIKES_TO_BLAME} times, run alone); it was not run again"
+        )
+        with AppendLog(job_dir / ERRORS, ck.errors_bytes) as err:
+            err.append(formats.error_line(state.id, line, custom_id, ENGINE_CRASH, message, 500))
+            err.sync()
+            ck.errors_bytes = err.size
+        ck.failed += 1
+        ck.done_lines = sorted({*ck.done_lines, line})
+        jlog.error("request crashes the engine; dead-lettered", line=line, custom_id=custom_id)
 
     # -- validation (design §4) ------------------------------------------------------
 
@@ -221,9 +300,9 @@ class Runner:
         rejected: list[int] = []
         with AppendLog(job_dir / ERRORS, 0) as errors, open(job_dir / INPUT, "rb") as f:
             try:
-                items = scan_file(f, self.cfg.limits.max_line_bytes, job_dir, expected)
+                items = scan_input(f, self.cfg.limits.max_line_bytes, job_dir, expected)
                 resolve = self.cfg.engine.resolve_model
-                for item in one_model(items, resolve, self.engine.model):
+                for item in one_model(items, resolve, self.engines.model):
                     if isinstance(item, Request):
                         counts.total += 1
                         continue
@@ -242,6 +321,8 @@ class Runner:
                 raise JobFailed(
                     f"{state.source_name}: {e}; save the file as UTF-8 and submit it again"
                 ) from None
+            if input_changed(f, state):
+                raise _InputChanged
             errors.sync()
             state.requests_in_file = counts.total
             if counts.total == counts.failed:
@@ -257,158 +338,29 @@ class Runner:
             )
         save_state(job_dir, state)
 
-    # -- running (design §5) ---------------------------------------------------------
+    # -- the books (design §5b) ------------------------------------------------------
 
-    def _execute(self, job_dir: Path, state: JobState) -> _Run:
-        ck = state.checkpoint
-        # What was counted after the checkpoint is being redone: count from it.
-        state.request_counts.completed, state.request_counts.failed = ck.completed, ck.failed
-        run = _Run(next_line=ck.next_line, next_offset=ck.input_offset, done=set(ck.done_lines))
-        skip = set(state.rejected_lines) | run.done
-        chunk_size = self.cfg.processing.chunk_size
-        with (
-            AppendLog(job_dir / OUTPUT, ck.output_bytes) as out,
-            AppendLog(job_dir / ERRORS, ck.errors_bytes) as err,
-            open(job_dir / INPUT, "rb") as f,
-        ):
-
-            def feed() -> Iterator[Request]:
-                cap = self.cfg.limits.max_line_bytes
-                gate = self.gate
-                handed = 0
-                try:
-                    for line_no, end, raw in iter_lines(f, run.next_offset, run.next_line, cap):
-                        if run.halt is None and self.should_stop():
-                            run.halt = "stop"
-                        if run.halt is None and gate is not None and handed % chunk_size == 0:
-                            run.halt = None if gate() else "stop"  # before each chunk
-                        if run.halt is not None:
-                            return
-                        parsed = None
-                        if line_no not in skip and raw is not None:
-                            parsed = read_request(raw, line_no)
-                        start = run.next_offset
-                        run.next_line, run.next_offset = line_no + 1, end
-                        if parsed is not None:
-                            run.pending[line_no] = (start, parsed)
-                            handed += 1
-                            yield parsed
-                except Exception as e:
-                    run.failure = e  # reading the input failed: not the engine's doing
-                    raise
-
-            counts = state.request_counts
-            chunk = self.cfg.processing.chunk_size
-
-            def record(outcome: Outcome) -> None:
-                try:
-                    _record(outcome)
-                except Exception as e:
-                    run.failure = e  # writing or committing failed: not the engine's doing
-                    raise
-
-            def _record(outcome: Outcome) -> None:
-                line = outcome.request.line
-                del run.pending[line]
-                run.done.add(line)
-                if isinstance(outcome, Completion):
-                    out.append(formats.output_line(state.id, outcome, int(time.time())))
-                    counts.completed += 1
-                    run.tokens += outcome.completion_tokens
-                else:
-                    err.append(
-                        formats.error_line(
-                            state.id,
-                            line,
-                            outcome.request.custom_id,
-                            outcome.code,
-                            outcome.message,
-                            outcome.status,
-                        )
-                    )
-                    counts.failed += 1
-                run.since_commit += 1
-                if run.since_commit >= chunk:
-                    self._commit(job_dir, state, run, out, err)
-                elif self.on_progress is not None and time.monotonic() >= run.next_report:
-                    self._report(state, run)
-
-            def isolate(requests: list[Request], error: Exception) -> None:
-                """Find the request(s) that make the engine fail, by bisection."""
-                if len(requests) == 1:
-                    log.warning("request fails the engine", job_id=state.id, error=str(error))
-                    msg = f"line {requests[0].line}: the engine failed on this request: {error}"
-                    record(Failure(requests[0], "engine_error", msg, status=500))
-                    return
-                mid = len(requests) // 2
-                for half in (requests[:mid], requests[mid:]):
-                    try:
-                        for outcome in self.engine.run(iter(half)):
-                            record(outcome)
-                    except EngineFatal:
-                        raise
-                    except Exception as e:
-                        if run.failure is not None:
-                            raise run.failure from None
-                        isolate([r for r in half if r.line in run.pending], e)
-
-            source = feed()
-            while True:
-                try:
-                    for outcome in self.engine.run(source):
-                        record(outcome)
-                    break
-                except EngineFatal:
-                    raise
-                except Exception as e:
-                    # Only the engine's own failures are bisected. An error reading the
-                    # input or writing results ends the run (a crash, as far as the job's
-                    # attempts go): bisecting it would let the job finish without the
-                    # lines the feed never handed out.
-                    if run.failure is not None:
-                        raise run.failure from None
-                    log.warning("engine failed for a batch; isolating", error=str(e))
-                    isolate([req for _, req in run.pending.values()], e)
-            if run.halt != "lost":
-                self._commit(job_dir, state, run, out, err)
-        return run
-
-    def _commit(
-        self, job_dir: Path, state: JobState, run: _Run, out: AppendLog, err: AppendLog
-    ) -> None:
-        """Sync both result files, then checkpoint in state.json (the commit)."""
-        if not self.spool.still_owner(job_dir):
-            run.halt = "lost"
+    def _check_books(self, job_dir: Path, state: JobState, execution: Execution) -> None:
+        """A run that was not stopped ends done only when every line was read, every
+        request answered, and the result files account for every input line exactly
+        once; anything else fails the job, loudly, with what was committed kept."""
+        run = execution.run
+        size = os.fstat(execution.input.fileno()).st_size
+        if run.pending or run.next_offset < size:
+            raise JobFailed(
+                f"{state.source_name}: the engine run ended at byte {run.next_offset} of {size} "
+                f"with {len(run.pending)} request(s) unanswered; results so far are kept"
+            )
+        audit = ledger.audit(job_dir, state.id, self.cfg.limits.max_line_bytes)
+        c = state.request_counts
+        if audit.balanced and audit.total == c.total == c.completed + c.failed:
             return
-        out.sync()
-        err.sync()
-        if run.pending:
-            low = next(iter(run.pending))
-            low_offset = run.pending[low][0]
-        else:
-            low, low_offset = run.next_line, run.next_offset
-        run.done = {line for line in run.done if line >= low}
-        state.checkpoint = Checkpoint(
-            validated=True,
-            next_line=low,
-            input_offset=low_offset,
-            done_lines=sorted(run.done),
-            output_bytes=out.size,
-            errors_bytes=err.size,
-            completed=state.request_counts.completed,
-            failed=state.request_counts.failed,
+        detail = audit.describe() or (
+            f"the input has {audit.total} request lines, the record counts {c.total} "
+            f"({c.completed} completed + {c.failed} failed)"
         )
-        state.attempts = 0
-        save_state(job_dir, state)
-        run.since_commit = 0
-        if run.halt is None and self.spool.cancel_requested(job_dir):
-            run.halt = "cancel"
-        if self.on_progress is not None:
-            self._report(state, run)
-
-    def _report(self, state: JobState, run: _Run) -> None:
-        """Progress and tokens/s to the heartbeat: at commits and about once a second."""
-        assert self.on_progress is not None
-        now = time.monotonic()
-        run.next_report = now + 1.0
-        self.on_progress(state, run.tokens, run.tokens / max(now - run.started, 1e-9))
+        log.error("the books do not balance", job_id=state.id, detail=detail)
+        raise JobFailed(
+            f"{state.source_name}: the books do not balance: {detail}; results are kept, "
+            "nothing was filed as completed"
+        )

@@ -206,6 +206,7 @@ class Spool:
         """Move an admitted file into processing/<job_id>/ (design §1). None if we lost."""
         state = JobState(id=new_job_id(entry.name), source_name=entry.name, file_bytes=file_bytes)
         state.request_counts.total = state.requests_in_file = total
+        state.input_size, state.input_mtime_ns = entry.fingerprint  # frozen (design §5c)
         return self._stage(self.processing, CLAIM_PREFIX, entry, INPUT, state)
 
     def reject(self, entry: Entry, reason: str, total: int | None = None) -> str | None:

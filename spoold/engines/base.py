@@ -42,8 +42,17 @@ class Failure:
 Outcome = Completion | Failure
 
 
+class EngineDied(Exception):
+    """The engine died in-process (vLLM's engine core exited) with requests in flight:
+    it must be reloaded, and the requests it held are suspects (design §5a)."""
+
+
 class EngineFatal(Exception):
-    """The engine itself is gone (not one request's fault): stop, don't bisect."""
+    """The engine is gone and cannot be loaded again: the daemon exits (exit 1)."""
+
+
+class ModelLoadError(Exception):
+    """A model could not be loaded (unknown name, no network, out of memory)."""
 
 
 class Engine(ABC):
@@ -58,8 +67,9 @@ class Engine(ABC):
 
         The engine pulls from `requests` only as it has room, so a caller can stop
         feeding at any time and still receive every outcome of what was pulled.
-        Raising (other than EngineFatal) means every pulled request still without
-        an outcome failed together; the caller isolates the culprit by bisection.
+        Raising EngineDied means the engine is dead (reload it); any other exception
+        means every pulled request still without an outcome failed together, the
+        engine still alive: the caller isolates the culprit by bisection.
         """
 
     def close(self) -> None:  # noqa: B027 - optional hook

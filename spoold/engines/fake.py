@@ -9,7 +9,7 @@ import zlib
 from collections.abc import Iterator
 
 from spoold.config import FakeEngineConfig
-from spoold.engines.base import Choice, Completion, Engine, Outcome
+from spoold.engines.base import Choice, Completion, Engine, EngineDied, ModelLoadError, Outcome
 from spoold.validate import SUPPORTED_URLS, Request
 
 _WORDS = (
@@ -67,8 +67,13 @@ def fake_answer(request: Request, text: str, index: int = 0) -> tuple[str, str, 
 
 class FakeEngine(Engine):
     def __init__(self, model: str, cfg: FakeEngineConfig) -> None:
+        if cfg.load_fail_marker and cfg.load_fail_marker in model:
+            raise ModelLoadError(f"fake engine: no model named {model!r} (load_fail_marker)")
+        if cfg.crash_marker and cfg.crash_marker in model:
+            os._exit(71)  # a load the kernel's OOM killer ends: no exception, no cleanup
         self.model = model
         self.cfg = cfg
+        self.dead = False
 
     def _answer(self, request: Request, text: str) -> Completion:
         choices = []
@@ -86,10 +91,15 @@ class FakeEngine(Engine):
             yield from self._run_batch(batch)
 
     def _run_batch(self, batch: list[Request]) -> list[Completion]:
+        if self.dead:
+            raise EngineDied("fake engine: the engine died earlier; reload it")
         texts = [r.text() for r in batch]
-        crash, fail = self.cfg.crash_marker, self.cfg.fail_marker
+        crash, fail, die = self.cfg.crash_marker, self.cfg.fail_marker, self.cfg.die_marker
         if crash and any(crash in t for t in texts):
             os._exit(70)  # what a CUDA fault does to the process: no cleanup, no flush
+        if die and any(die in t for t in texts):
+            self.dead = True  # as vLLM's engine core process exiting under the daemon
+            raise EngineDied(f"fake engine died on a batch of {len(batch)} (die_marker)")
         if fail and any(fail in t for t in texts):
             raise FakeEngineError(f"fake engine failed a batch of {len(batch)} (fail_marker)")
         if self.cfg.delay_per_request_s:

@@ -25,7 +25,7 @@ from typing import Any
 import structlog
 
 from spoold.config import ConfigError, EngineConfig
-from spoold.engines.base import Choice, Completion, Engine, EngineFatal, Failure, Outcome
+from spoold.engines.base import Choice, Completion, Engine, EngineDied, Failure, Outcome
 from spoold.validate import Request
 
 log = structlog.get_logger("spoold.engines.vllm")
@@ -164,7 +164,7 @@ class VllmEngine(Engine):
                         engine_input, params = self._prepare(req)
                         self.engine.add_request(rid, engine_input, params)
                     except EngineDeadError as e:
-                        raise EngineFatal(str(e)) from e
+                        raise EngineDied(str(e)) from e
                     except Exception as e:  # this request's fault: a 400 for it alone
                         yield Failure(req, "invalid_request", _describe(req, e), status=400)
                         continue
@@ -176,7 +176,7 @@ class VllmEngine(Engine):
                 try:
                     step = self.engine.step()
                 except EngineDeadError as e:
-                    raise EngineFatal(str(e)) from e
+                    raise EngineDied(str(e)) from e
                 if self.on_step is not None:
                     self.on_step()
                 for out in step:
@@ -184,7 +184,11 @@ class VllmEngine(Engine):
                         yield self._completion(inflight.pop(out.request_id), out)
         finally:
             if inflight:
-                self.engine.abort_request(list(inflight))
+                # After an engine death this may raise too: the requests are gone anyway.
+                try:
+                    self.engine.abort_request(list(inflight))
+                except Exception as e:
+                    log.warning("cannot abort requests in flight", error=str(e))
 
     # -- vLLM → OpenAI bodies ------------------------------------------------------
 

@@ -1,0 +1,430 @@
+"""One run of a validated job over the engine: feed, record, commit, isolate.
+
+The commit protocol (design §5): sync output.jsonl and errors.jsonl, then replace
+state.json with the checkpoint. Engine deaths are isolated by bisection (§5a), the
+input is checked unchanged before every commit (§5c), and a chunk commits early once
+its results pass processing.max_chunk_bytes (§5d).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO, Protocol
+
+import structlog
+
+from spoold import formats, isolation
+from spoold.config import Config
+from spoold.engines.base import Completion, Engine, EngineDied, Failure, Outcome
+from spoold.fsio import AppendLog
+from spoold.job import Checkpoint, JobState, RequestCounts, save_state
+from spoold.spool import Spool
+from spoold.validate import MODEL_MISMATCH, Request, iter_lines, read_request
+
+log = structlog.get_logger("spoold.runner")
+
+ProgressFn = Callable[[JobState, int, float], None]  # (state, tokens this run, tokens/s)
+ENGINE_CRASH = "engine_crash"
+_CUSTOM_ID = re.compile(rb'"custom_id"\s*:\s*("(?:[^"\\]|\\.)*")')
+
+
+class EngineSource(Protocol):
+    """Where a run gets its engine (the daemon: loaded once, kept across jobs)."""
+
+    model: str
+
+    def get(self) -> Engine | None:
+        """The engine, loaded if needed; None when asked to stop meanwhile.
+        Raises engines.base.ModelLoadError."""
+
+    def reload(self) -> Engine:
+        """A fresh engine after the last one died. Raises engines.base.EngineFatal."""
+
+
+@dataclass
+class Hooks:
+    """What the daemon lends a run: stop flag, progress, the chunk gate, the lock the
+    stop timer takes so that it never gives an attempt back in the middle of a commit."""
+
+    should_stop: Callable[[], bool] = lambda: False
+    on_progress: ProgressFn | None = None
+    gate: Callable[[], bool] | None = None  # blocks while throttled; False: stop
+    commit_lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+@dataclass
+class RunState:
+    """Mutable bookkeeping of one run of a job: what was handed out, what came back."""
+
+    next_line: int
+    next_offset: int
+    pending: dict[int, tuple[int, Request]] = field(default_factory=dict)
+    done: set[int] = field(default_factory=set)
+    since_commit: int = 0
+    halt: str | None = None  # why feeding stopped: "stop", "cancel", "lost", "changed"
+    failure: Exception | None = None  # an error of ours (input, results), not the engine's
+    tokens: int = 0
+    started: float = field(default_factory=time.monotonic)
+    next_report: float = 0.0
+
+
+def input_changed(f: BinaryIO, state: JobState) -> bool:
+    """Whether the open input differs from what was claimed (design §5c)."""
+    if state.input_size < 0:  # a record from before the input was fingerprinted
+        return False
+    st = os.fstat(f.fileno())
+    return (st.st_size, st.st_mtime_ns) != (state.input_size, state.input_mtime_ns)
+
+
+class Execution:
+    """The run pass of one job (design §5, §5a): opened on the job's files at its
+    checkpoint, fed to the engine until the input ends or the run is halted."""
+
+    def __init__(
+        self,
+        spool: Spool,
+        cfg: Config,
+        engines: EngineSource,
+        engine: Engine,
+        hooks: Hooks,
+        job_dir: Path,
+        state: JobState,
+        files: tuple[AppendLog, AppendLog, BinaryIO],
+    ) -> None:
+        self.spool, self.cfg, self.engines, self.engine, self.hooks = (
+            spool,
+            cfg,
+            engines,
+            engine,
+            hooks,
+        )
+        self.job_dir, self.state = job_dir, state
+        self.out, self.err, self.input = files
+        ck = state.checkpoint
+        # What was counted after the checkpoint is being redone: count from it.
+        state.request_counts.completed, state.request_counts.failed = ck.completed, ck.failed
+        self.run = RunState(ck.next_line, ck.input_offset, done=set(ck.done_lines))
+        self.rejected = set(state.rejected_lines)
+        self.reserve = max(cfg.processing.chunk_size // 2, 1)
+        self.models_ok: set[object] = set()  # body.model values that resolve to ours
+
+    # -- the run -----------------------------------------------------------------
+
+    def go(self) -> RunState:
+        """Groups of suspects first, alone (design §5a), then the rest of the input."""
+        run = self.run
+        while run.halt is None:
+            group = isolation.first_group(self.state.isolation)
+            if not group:
+                self._drive(self._feed())
+                if run.halt is None and self.state.isolation.groups:
+                    continue  # the engine died: its requests are suspects now
+                break
+            gate = self.hooks.gate
+            if gate is not None and not gate():
+                run.halt = "stop"
+                break
+            log.info("running suspects alone", job_id=self.state.id, lines=len(group))
+            self.state.isolation.trying = True
+            if not self._save_record():
+                break
+            self._drive(self._feed(set(group), group[-1]))
+            if run.halt is None:
+                self.commit()
+        if run.halt not in ("lost", "changed"):
+            self.commit()
+        return run
+
+    def _drive(self, source: Iterator[Request]) -> None:
+        """Run `source` through the engine: a batch the engine raises for is bisected
+        (it survived); an engine that died is reloaded and its requests isolated."""
+        run = self.run
+        try:
+            while True:
+                try:
+                    for outcome in self.engine.run(source):
+                        self.record(outcome)
+                    return
+                except EngineDied:
+                    raise
+                except Exception as e:
+                    # Only the engine's own failures are bisected. An error reading the
+                    # input or writing results ends the run: bisecting it would let the
+                    # job finish without the lines the feed never handed out.
+                    if run.failure is not None:
+                        raise run.failure from None
+                    log.warning("engine failed for a batch; isolating", error=str(e))
+                    self._bisect([req for _, req in run.pending.values()], e)
+        except EngineDied as e:
+            if run.failure is not None:
+                raise run.failure from None
+            self._engine_died(e)
+
+    def _bisect(self, requests: list[Request], error: Exception) -> None:
+        """Find the request(s) that make a surviving engine fail, by bisection."""
+        run = self.run
+        if len(requests) == 1:
+            log.warning("request fails the engine", job_id=self.state.id, error=str(error))
+            msg = f"line {requests[0].line}: the engine failed on this request: {error}"
+            self.record(Failure(requests[0], "engine_error", msg, status=500))
+            return
+        mid = len(requests) // 2
+        for half in (requests[:mid], requests[mid:]):
+            try:
+                for outcome in self.engine.run(iter(half)):
+                    self.record(outcome)
+            except EngineDied:
+                raise
+            except Exception as e:
+                if run.failure is not None:
+                    raise run.failure from None
+                self._bisect([r for r in half if r.line in run.pending], e)
+
+    def _engine_died(self, error: EngineDied) -> None:
+        """The engine died in-process: what it held is suspect (or, in isolation, its
+        group is blamed); a fresh engine goes on with the groups (design §5a)."""
+        run, state = self.run, self.state
+        held = {line: req for line, (_, req) in run.pending.items()}
+        iso = state.isolation
+        if not held and not iso.trying:
+            culprit = None  # nothing in flight: nobody to suspect
+        elif iso.groups and iso.trying:
+            isolation.finished(iso, run.done)
+            culprit = isolation.blame(iso)
+        else:
+            # Normal feeding read past these lines: step back to the first of them.
+            first = min(run.pending)
+            run.next_line, run.next_offset = first, run.pending[first][0]
+            state.isolation = isolation.begin(sorted(held))
+            state.fed_through = 0
+            culprit = None
+        run.pending.clear()
+        log.warning(
+            "the engine died with requests in flight; reloading it",
+            job_id=state.id,
+            suspects=len(held),
+            error=str(error),
+        )
+        if culprit is not None:
+            self._dead_letter(held[culprit])
+        self.engine = self.engines.reload()
+        self.commit()  # the narrowed suspects (and a culprit's error line) are durable
+
+    def _dead_letter(self, req: Request) -> None:
+        msg = (
+            f"line {req.line}: this request crashed the engine "
+            f"({isolation.STRIKES_TO_BLAME} times, run alone); it was not run again"
+        )
+        log.error("request crashes the engine; dead-lettered", job_id=self.state.id, line=req.line)
+        self.run.pending[req.line] = (0, req)
+        self.record(Failure(req, ENGINE_CRASH, msg, status=500))
+
+    # -- feeding -----------------------------------------------------------------
+
+    def _feed(self, only: set[int] | None = None, last: int = 0) -> Iterator[Request]:
+        """Hand requests to the engine as it pulls them: the rest of the input (normal
+        mode, `only` None) or exactly the lines in `only` (a group of suspects)."""
+        run, state = self.run, self.state
+        cap = self.cfg.limits.max_line_bytes
+        chunk = self.cfg.processing.chunk_size
+        gate = self.hooks.gate if only is None else None
+        handed = 0
+        offset = run.next_offset
+        try:
+            for line_no, end, raw in iter_lines(self.input, run.next_offset, run.next_line, cap):
+                start, offset = offset, end
+                if only is not None and line_no > last:
+                    return
+                if run.halt is None and self.hooks.should_stop():
+                    run.halt = "stop"
+                if run.halt is None and gate is not None and handed % chunk == 0:
+                    run.halt = None if gate() else "stop"  # before each chunk
+                if run.halt is not None:
+                    return
+                skip = line_no in run.done or line_no in self.rejected
+                if only is None:
+                    run.next_line, run.next_offset = line_no + 1, end
+                elif line_no not in only:
+                    continue
+                if skip:
+                    continue
+                if only is None and line_no > state.fed_through:
+                    # Recorded before the line is fed: a crash from here on knows it
+                    # had this line in flight (design §5a).
+                    state.fed_through = line_no + self.reserve
+                    if not self._save_record():
+                        return
+                request = self._request(line_no, raw, start)
+                if request is None:
+                    continue
+                run.pending[line_no] = (start, request)
+                handed += 1
+                yield request
+        except Exception as e:
+            run.failure = e  # reading the input failed: not the engine's doing
+            raise
+
+    def _request(self, line_no: int, raw: bytes | None, start: int) -> Request | None:
+        """The request on a line validation accepted; None for a blank line. A line
+        the current config judges differently (a lower limits.max_line_bytes, an alias
+        that now names another model) becomes an error line with the reason, never
+        nothing (SPEC §3)."""
+        problem: tuple[str, str] | None = None
+        request = None
+        if raw is None:
+            cap = self.cfg.limits.max_line_bytes
+            problem = (
+                "line_too_long",
+                f"line {line_no}: longer than {cap} bytes (limits.max_line_bytes, lowered "
+                "since the job was validated)",
+            )
+        else:
+            try:
+                request = read_request(raw, line_no)
+            except (ValueError, KeyError, TypeError) as e:
+                problem = ("invalid_request", f"line {line_no}: cannot be read now: {e}")
+            if request is None and problem is None:
+                return None  # blank
+        if request is not None:
+            name = request.body.get("model")
+            if name not in self.models_ok:
+                wanted = self.cfg.engine.resolve_model(name)
+                if wanted != self.engines.model:
+                    problem = (
+                        MODEL_MISMATCH,
+                        f"line {line_no}: body.model {name!r} runs on {wanted!r} with the "
+                        f"config in force now, but this job runs on {self.engines.model!r}",
+                    )
+                else:
+                    self.models_ok.add(name)
+        if problem is None:
+            return request
+        custom_id = request.custom_id if request is not None else self._custom_id_at(start)
+        self._error_now(line_no, custom_id, *problem)
+        return None
+
+    def _custom_id_at(self, offset: int) -> str | None:
+        """The custom_id of a line too long to read whole: validation saw it, so its
+        error line should name it (found in the line's first 64 KiB, or None)."""
+        head = os.pread(self.input.fileno(), 1 << 16, offset)
+        match = _CUSTOM_ID.search(head)
+        if match is None:
+            return None
+        try:
+            value = json.loads(match.group(1))
+        except ValueError:
+            return None
+        return value if isinstance(value, str) else None
+
+    def _error_now(self, line_no: int, custom_id: str | None, code: str, message: str) -> None:
+        """An error line for a line the feed will not hand out (counted as an outcome)."""
+        self.err.append(formats.error_line(self.state.id, line_no, custom_id, code, message))
+        self.run.done.add(line_no)
+        self.state.request_counts.failed += 1
+        self.run.since_commit += 1
+
+    # -- outcomes and commits ------------------------------------------------------
+
+    def record(self, outcome: Outcome) -> None:
+        try:
+            self._record(outcome)
+        except Exception as e:
+            self.run.failure = e  # writing or committing failed: not the engine's doing
+            raise
+
+    def _record(self, outcome: Outcome) -> None:
+        run, state = self.run, self.state
+        line = outcome.request.line
+        del run.pending[line]
+        run.done.add(line)
+        counts = state.request_counts
+        if isinstance(outcome, Completion):
+            self.out.append(formats.output_line(state.id, outcome, int(time.time())))
+            counts.completed += 1
+            run.tokens += outcome.completion_tokens
+        else:
+            self.err.append(
+                formats.error_line(
+                    state.id,
+                    line,
+                    outcome.request.custom_id,
+                    outcome.code,
+                    outcome.message,
+                    outcome.status,
+                )
+            )
+            counts.failed += 1
+        run.since_commit += 1
+        processing = self.cfg.processing
+        if (
+            run.since_commit >= processing.chunk_size
+            or self.out.pending_bytes + self.err.pending_bytes >= processing.max_chunk_bytes
+        ):
+            self.commit()
+        elif self.hooks.on_progress is not None and time.monotonic() >= run.next_report:
+            self.report()
+
+    def commit(self) -> None:
+        """Sync both result files, then checkpoint in state.json (the commit)."""
+        run, state = self.run, self.state
+        if not self.spool.still_owner(self.job_dir):
+            run.halt = "lost"
+            return
+        if input_changed(self.input, state):
+            run.halt = "changed"  # nothing computed from a changed file is committed
+            return
+        with self.hooks.commit_lock:
+            self.out.sync()
+            self.err.sync()
+            low, low_offset = run.next_line, run.next_offset
+            if run.pending:
+                first = next(iter(run.pending))
+                if first < low:
+                    low, low_offset = first, run.pending[first][0]
+            isolation.finished(state.isolation, run.done)
+            run.done = {line for line in run.done if line >= low}
+            state.checkpoint = Checkpoint(
+                validated=True,
+                next_line=low,
+                input_offset=low_offset,
+                done_lines=sorted(run.done),
+                output_bytes=self.out.size,
+                errors_bytes=self.err.size,
+                completed=state.request_counts.completed,
+                failed=state.request_counts.failed,
+            )
+            state.attempts = 0
+            save_state(self.job_dir, state)
+        run.since_commit = 0
+        if run.halt is None and self.spool.cancel_requested(self.job_dir):
+            run.halt = "cancel"
+        if self.hooks.on_progress is not None:
+            self.report()
+
+    def _save_record(self) -> bool:
+        """Write state.json as last committed plus the crash evidence (fed_through,
+        isolation.trying), before feeding. False (halt) if the job is no longer ours."""
+        if not self.spool.still_owner(self.job_dir):
+            self.run.halt = "lost"
+            return False
+        state, ck = self.state, self.state.checkpoint
+        counts = RequestCounts(state.request_counts.total, ck.completed, ck.failed)
+        with self.hooks.commit_lock:
+            save_state(self.job_dir, dataclasses.replace(state, request_counts=counts))
+        return True
+
+    def report(self) -> None:
+        """Progress and tokens/s to the heartbeat: at commits and about once a second."""
+        assert self.hooks.on_progress is not None
+        now = time.monotonic()
+        run = self.run
+        run.next_report = now + 1.0
+        self.hooks.on_progress(self.state, run.tokens, run.tokens / max(now - run.started, 1e-9))

@@ -1,0 +1,59 @@
+"""Pure: bisecting the requests suspected of killing the engine (design §5a).
+
+The record (`job.Isolation`) lives in state.json, so the bisection goes on across
+restarts of a process the culprit killed. These functions only change the record;
+the runner feeds the groups and commits.
+"""
+
+from __future__ import annotations
+
+from spoold.job import Isolation
+
+STRIKES_TO_BLAME = 2  # a lone request is dead-lettered on its second crash
+
+
+def begin(suspects: list[int]) -> Isolation:
+    """The record for requests that were in flight together when the engine died:
+    already blamed as a whole, so split in halves (or one strike for a lone one)."""
+    n = len(suspects)
+    if n == 1:
+        return Isolation(suspects=list(suspects), groups=[1], strikes=1)
+    return Isolation(suspects=list(suspects), groups=[n // 2, n - n // 2])
+
+
+def first_group(iso: Isolation) -> list[int]:
+    """The lines to feed next, alone."""
+    return iso.suspects[: iso.groups[0]] if iso.groups else []
+
+
+def finished(iso: Isolation, done: set[int]) -> None:
+    """Lines of the first group that completed leave the suspects; a group wholly
+    done is resolved (innocent) and the next one is up."""
+    if not iso.groups:
+        return
+    size = iso.groups[0]
+    left = [line for line in iso.suspects[:size] if line not in done]
+    iso.suspects[:size] = left
+    if left:
+        iso.groups[0] = len(left)
+    else:
+        iso.groups.pop(0)
+        iso.strikes = 0
+        iso.trying = False
+
+
+def blame(iso: Isolation) -> int | None:
+    """The first group was in flight when the engine died: split it in halves, or
+    give its lone line a strike. Returns the line to dead-letter (second strike)."""
+    iso.trying = False
+    size = iso.groups[0]
+    if size > 1:
+        iso.groups[0:1] = [size // 2, size - size // 2]
+        iso.strikes = 0
+        return None
+    iso.strikes += 1
+    if iso.strikes < STRIKES_TO_BLAME:
+        return None
+    iso.groups.pop(0)
+    iso.strikes = 0
+    return iso.suspects.pop(0)
