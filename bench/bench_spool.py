@@ -196,6 +196,40 @@ def bench_scaling(sizes: tuple[int, ...] = (10_000, 200_000), rounds: int = 3) -
     )
 
 
+def bench_ledger(n: int = 200_000, rounds: int = 5) -> None:
+    """What the exactly-once bookkeeping of issue 10 costs a 200K job, in-process on a
+    finished job: the ledger audit run before it is filed as completed, and the
+    state.json writes that record the suspects before they are fed (one per half
+    chunk: n / (chunk_size / 2) of them)."""
+    from spoold import ledger
+    from spoold.job import load_state, save_state
+
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        cfg = spool_config(tmp)
+        write_job(tmp / "spool" / "incoming" / "job.jsonl", n)
+        drain(cfg)
+        (job,) = (tmp / "spool" / "done").iterdir()
+        st = load_state(job)
+        audits, writes = [], []
+        marks = n // 2500
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            report = ledger.audit(job, st.id, 16 << 20)
+            audits.append(time.perf_counter() - t0)
+            assert report.balanced and report.total == n
+            t0 = time.perf_counter()
+            for _ in range(marks):
+                save_state(job, st)
+            writes.append(time.perf_counter() - t0)
+    print(
+        f"6. ledger audit of a {n}-request job: {' '.join(f'{x:.3f}' for x in audits)} s, "
+        f"median {statistics.median(audits):.3f} s; {marks} suspect records (state.json "
+        f"writes): {' '.join(f'{x:.3f}' for x in writes)} s, median "
+        f"{statistics.median(writes):.3f} s"
+    )
+
+
 def bench_resume(n: int = 200_000) -> None:
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
@@ -325,7 +359,7 @@ def bench_status(jobs: int = 10_000) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--only", default="overhead,scaling,resume,pickup,status")
+    ap.add_argument("--only", default="overhead,scaling,resume,pickup,status,ledger")
     ap.add_argument("--million", action="store_true", help="also run 1M requests (scaling)")
     ap.add_argument("--bare-loop", nargs=2, metavar=("SRC", "DST"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -344,6 +378,8 @@ def main() -> None:
         bench_pickup()
     if "status" in only:
         bench_status()
+    if "ledger" in only:
+        bench_ledger()
 
 
 if __name__ == "__main__":

@@ -524,6 +524,10 @@ class Daemon:
             st.id: self._job_models.get(st.id) or self._model_of(d, st) for d, st in jobs
         }
         jobs = self._fail_unloadable(jobs)
+        active = {st.id for _, st in jobs}
+        for job_id, _ in self.job_retries:  # finished meanwhile (cancelled, by a peer)
+            if job_id not in active and self.job_retries.succeeded(job_id):
+                self._problem(f"job:{job_id}", None)
         if self.cfg.processing.prefer_loaded_model:
             # Don't switch back and forth: jobs for the loaded model go first.
             loaded = self.engine.model if self.engine is not None else None

@@ -65,6 +65,12 @@ def find_job(spool: Spool, job_id: str) -> Path:
 def retry_job(spool: Spool, job_id: str, max_line_bytes: int) -> tuple[str, int]:
     """A new file in incoming/ with the job's retryable failed requests: (name, count)."""
     job_dir = find_job(spool, job_id)
+    if job_dir.parent == spool.processing:
+        # Its errors.jsonl may hold an uncommitted tail, and its run is not over.
+        raise SubmitError(
+            f"job {job_id} is still in processing/ (queued or running): retry it once it "
+            "has finished, or `spoold cancel` it first"
+        )
     wanted: set[str] = set()
     try:
         with open(job_dir / ERRORS, "rb") as f:

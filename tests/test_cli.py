@@ -109,6 +109,39 @@ def test_retry_resubmits_engine_failures_only(tmp_path: Path) -> None:
     assert proc.returncode == 1 and "no job" in proc.stderr
 
 
+def test_retry_refuses_a_job_still_in_processing(tmp_path: Path) -> None:
+    """A job in processing/ may have an uncommitted tail in errors.jsonl (a paused or
+    crashed run): `spoold retry` does not read it, says why, and writes nothing."""
+    cfg = make_config(
+        tmp_path,
+        processing={"chunk_size": 20},
+        engine={"backend": "fake", "fake": {"fail_marker": "POISON", "delay_per_request_s": 0.01}},
+    )
+    spool = tmp_path / "spool"
+    write_jsonl(spool / "incoming" / "job.jsonl", [chat(f"r{i}") for i in range(400)])
+    daemon = subprocess.Popen(
+        [*SPOOLD, "run", "--config", str(cfg)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=_env(),
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not job_dirs(spool, "processing") and time.monotonic() < deadline:
+            time.sleep(0.02)
+        (job,) = job_dirs(spool, "processing")
+        # An uncommitted tail, as a SIGKILL between sync and checkpoint leaves it.
+        with open(job / "errors.jsonl", "ab") as f:
+            f.write(b'{"custom_id": "r1", "error": {"code": "engine_error"}}\n')
+        proc = run_spoold("retry", "--config", str(cfg), job.name)
+    finally:
+        daemon.kill()
+        daemon.wait()
+    assert proc.returncode == 1
+    assert "still in processing/" in proc.stderr and job.name in proc.stderr
+    assert list((spool / "incoming").iterdir()) == []
+
+
 def test_cancel_running_job_keeps_partial_results(tmp_path: Path) -> None:
     cfg = make_config(
         tmp_path,

@@ -18,6 +18,9 @@ def test_defaults_match_spec() -> None:
     assert cfg.gpu.max_memory_percent == 95
     assert cfg.gpu.max_temperature_c == 85
     assert cfg.instance == "default"
+    assert cfg.processing.max_chunk_bytes == 256 * 1024 * 1024
+    assert cfg.processing.model_retry_s == 30
+    assert cfg.processing.max_model_load_attempts == 5
 
 
 def test_nested_values_are_read_and_typed() -> None:
@@ -46,6 +49,17 @@ def test_nested_values_are_read_and_typed() -> None:
         ({"gpu": {"max_memory_percent": 250}}, "gpu.max_memory_percent"),
         ({"gpu": {"max_temperature_c": -5}}, "gpu.max_temperature_c"),
         ({"limits": {"min_free_disk_mb": -5}}, "limits.min_free_disk_mb"),
+        ({"processing": {"max_chunk_bytes": 0}}, "processing.max_chunk_bytes"),
+        ({"processing": {"model_retry_s": -1}}, "processing.model_retry_s"),
+        ({"processing": {"max_model_load_attempts": 0}}, "processing.max_model_load_attempts"),
+        # vLLM would hold the GPU over the guard's limit by itself: throttled forever.
+        (
+            {
+                "engine": {"backend": "vllm", "model": "m", "gpu_memory_utilization": 0.96},
+                "gpu": {"max_memory_percent": 95},
+            },
+            "gpu.max_memory_percent",
+        ),
     ],
 )
 def test_bad_key_or_value_names_the_key(raw: dict[str, object], key: str) -> None:
