@@ -135,6 +135,15 @@ def create_exclusive(path: Path, data: bytes) -> bool:
     return True
 
 
+def remove(path: Path) -> None:
+    """Remove a file durably (unlink + fsync of its directory); fine if it is gone."""
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return
+    fsync_dir(path.parent)
+
+
 def remove_tree(path: Path) -> None:
     """Remove a staging directory we own (a half-done claim). Never follows symlinks."""
     if path.is_symlink() or not path.is_dir():

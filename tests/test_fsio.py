@@ -172,3 +172,10 @@ def test_write_temp_and_create_exclusive_on_a_full_disk_leave_nothing(tmp_path: 
         with pytest.raises(OSError):
             fsio.create_exclusive(disk / "owner.json", b'{"instance": "x"}' * 1000)
         assert [x.name for x in disk.iterdir()] == ["filler"]
+
+
+def test_remove(tmp_path: Path) -> None:
+    (tmp_path / "x").write_text("x")
+    fsio.remove(tmp_path / "x")
+    fsio.remove(tmp_path / "x")  # gone already: nothing to do
+    assert list(tmp_path.iterdir()) == []
