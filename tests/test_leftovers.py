@@ -10,6 +10,7 @@ import json
 import multiprocessing
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -19,7 +20,10 @@ from spoold.job import new_job_id
 from spoold.spool import Spool
 from spoold.unique import IN_MEMORY, UniqueIds
 from tests.helpers import (
+    SPOOLD,
+    _env,
     assert_exactly_once,
+    chat,
     drain,
     job_dirs,
     make_config,
@@ -189,6 +193,84 @@ def test_concurrent_take_overs_leave_no_grave(tmp_path: Path) -> None:
 
 
 # -- a full disk -----------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_full_disk_leaves_no_temp_files_and_the_job_completes_once(tmp_path: Path) -> None:
+    """The spool is a small tmpfs; while a live daemon (heartbeat every 0.05 s) runs a
+    job, the disk is filled up and kept full for 6 s (past one throttled wait, so the
+    daemon also retries the job, its take-over of owner.json included, on the full
+    disk), then freed. No temp file or grave outlives its write, in heartbeats/,
+    processing/<job>/ or anywhere, during or after; the job then completes exactly
+    once."""
+    spool = tmp_path / "spool"
+    with mounted_tmpfs(spool, size="16m"):
+        cfg = make_config(
+            tmp_path,
+            heartbeat={"interval_s": 0.05, "stale_after_s": 5},
+            processing={"chunk_size": 40},
+            engine={"backend": "fake", "fake": {"delay_per_request_s": 0.002, "batch_size": 8}},
+        )
+        recs = [chat(f"full-{i}", f"question {i}", max_tokens=8 + i % 30) for i in range(1500)]
+        write_jsonl(spool / "incoming" / "full.jsonl", recs)
+        log = tmp_path / "spoold.log"
+        with open(log, "ab") as out:
+            proc = subprocess.Popen(
+                [*SPOOLD, "run", "--config", str(cfg)],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=_env(),
+            )
+        filler = spool / "filler"
+        try:
+            _wait_for_progress(spool, proc, completed=200)
+            seen: list[set[Path]] = []
+            full_until = time.monotonic() + 6  # past one throttled wait (5 s): a retry too
+            while time.monotonic() < full_until:  # full: the daemon's writes keep failing
+                fill(filler)
+                seen.append(set(_leftovers(spool)))
+                time.sleep(0.1)
+            # A temp seen in two looks 0.5 s apart outlived its write: it was left.
+            left = set().union(*(seen[i] & seen[i + 5] for i in range(len(seen) - 5)))
+            assert not left, f"{len(left)} temp files left while full: {sorted(left)[:4]}"
+            filler.unlink()
+            done = _wait_for_done(spool, proc, timeout=60)
+            assert proc.poll() is None, "the daemon exited on a full disk"
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+            rc = proc.wait(timeout=30)
+        assert rc == 0, log.read_text()[-3000:]
+        assert "disk full" in log.read_text(), "the disk never looked full to the daemon"
+        assert state(done)["status"] == "completed"
+        assert_exactly_once(done, {r["custom_id"] for r in recs})
+        assert sorted(p.name for p in done.iterdir()) == sorted(DOCUMENTED)
+        assert list((spool / "processing").iterdir()) == []
+        assert _leftovers(spool) == []
+
+
+def _wait_for_progress(spool: Path, proc: subprocess.Popen[bytes], completed: int) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"spoold exited {proc.returncode}"
+        for d in job_dirs(spool, "processing"):
+            try:
+                if state(d)["request_counts"]["completed"] >= completed:
+                    return
+            except (OSError, ValueError):
+                continue
+        time.sleep(0.01)
+    raise AssertionError(f"no checkpoint with {completed} results within 30 s")
+
+
+def _wait_for_done(spool: Path, proc: subprocess.Popen[bytes], timeout: float) -> Path:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"spoold exited {proc.returncode}"
+        if job_dirs(spool, "done"):
+            return only_job(spool, "done")
+        time.sleep(0.05)
+    raise AssertionError(f"the job did not complete within {timeout} s of freeing the disk")
 
 
 def test_id_buckets_are_removed_when_the_disk_fills_during_validation(tmp_path: Path) -> None:
