@@ -59,7 +59,7 @@ def _assert_only_documented(job: Path) -> None:
 
 @pytest.mark.slow
 def test_many_restarts_leave_only_the_documented_files(tmp_path: Path) -> None:
-    """SIGKILL `spoold run --drain` ≥ 15 times while one job runs (every restart takes
+    """SIGKILL `spoold run --drain` 16 times while one job runs (every restart takes
     its own job over: owner.json is buried and replaced), then drain: done/<job> holds
     the documented files and nothing else (no owner.json.*.stale grave per restart, no
     temp), processing/ is empty. Wherever a kill lands in the take-over (C10, C11) the
@@ -80,8 +80,9 @@ def test_many_restarts_leave_only_the_documented_files(tmp_path: Path) -> None:
         time.sleep(0.05 + (i % 7) * 0.07)  # recovery, acquire, validation, mid-chunk
         kills += _sigkill(proc) == -signal.SIGKILL
         acquired += _owner_pid(spool) == proc.pid
-        if job_dirs(spool, "done") or kills >= 20:
+        if job_dirs(spool, "done") or kills >= 16:
             break
+    print(f"{kills} kills, {acquired} after the job was acquired")
     assert kills >= 15, f"only {kills} kills landed before the job finished"
     drain(cfg, timeout=120)
     job = only_job(spool, "done")
@@ -90,7 +91,7 @@ def test_many_restarts_leave_only_the_documented_files(tmp_path: Path) -> None:
     assert _leftovers(spool) == []
     assert state(job)["status"] == "completed"
     assert_exactly_once(job, {r["custom_id"] for r in recs})
-    assert acquired >= 10, f"only {acquired} of {kills} runs got as far as acquiring the job"
+    assert acquired >= 10, f"only {acquired} of {kills} runs got as far as taking the job over"
 
 
 def _owner_pid(spool: Path) -> object:
