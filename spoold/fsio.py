@@ -31,15 +31,17 @@ def atomic_write(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}{TMP_SUFFIX}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.rename(tmp, path)
     except BaseException:
+        # A full disk fails the write or the fsync: the temp goes, or a heartbeat
+        # rewritten every beat would leave one per beat.
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
@@ -90,8 +92,10 @@ def publish(src: Path, dst: Path) -> None:
 def write_temp(directory: Path, label: str, chunks: Iterable[bytes]) -> Path:
     """Write `chunks` to a new dot-named temp file in `directory` and fsync it."""
     tmp = directory / f".{label}.{secrets.token_hex(4)}{TMP_SUFFIX}"
+    # Opened outside the try: a temp of that name that we did not create is not ours.
+    f = open(tmp, "xb")  # noqa: SIM115
     try:
-        with open(tmp, "xb") as f:
+        with f:
             for chunk in chunks:
                 f.write(chunk)
             f.flush()
@@ -117,15 +121,27 @@ def create_exclusive(path: Path, data: bytes) -> bool:
     except FileExistsError:
         return False
     try:
-        os.write(fd, data)
-        os.fsync(fd)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     except BaseException:
-        os.close(fd)
         path.unlink(missing_ok=True)  # an empty one would claim the name for nobody
         raise
-    os.close(fd)
     fsync_dir(path.parent)
     return True
+
+
+def remove(path: Path) -> None:
+    """Remove a file durably (unlink + fsync of its directory); fine if it is gone."""
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return
+    fsync_dir(path.parent)
 
 
 def remove_tree(path: Path) -> None:
@@ -163,17 +179,21 @@ class AppendLog:
         """Open `path`, cutting anything after `keep_bytes` (an uncommitted tail)."""
         self.path = path
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
-        size = os.fstat(self._fd).st_size
-        if size < keep_bytes:
-            os.close(self._fd)
-            raise RuntimeError(
-                f"{path} has {size} bytes but its checkpoint says {keep_bytes}: "
-                "the file was truncated behind spoold's back"
-            )
-        if size > keep_bytes:
-            os.ftruncate(self._fd, keep_bytes)
-            os.fsync(self._fd)
-        os.lseek(self._fd, keep_bytes, os.SEEK_SET)
+        try:
+            size = os.fstat(self._fd).st_size
+            if size < keep_bytes:
+                raise RuntimeError(
+                    f"{path} has {size} bytes but its checkpoint says {keep_bytes}: "
+                    "the file was truncated behind spoold's back"
+                )
+            if size > keep_bytes:
+                os.ftruncate(self._fd, keep_bytes)
+                os.fsync(self._fd)
+            os.lseek(self._fd, keep_bytes, os.SEEK_SET)
+        except BaseException:
+            os.close(self._fd)  # a failed cut (EIO) must not leak the descriptor
+            self._fd = -1
+            raise
         # Appended lines are copied into one buffer that is rewound, not freed, at each
         # sync: it keeps its size from chunk to chunk. Keeping the lines themselves until
         # the sync (or freeing the buffer) made malloc hand memory back to the kernel

@@ -53,6 +53,8 @@ from spoold.layout import (
 log = structlog.get_logger("spoold.spool")
 
 CLAIM_PREFIX = ".claim-"
+# owner.json.<taker's instance>.<random>.stale: what a take-over buried (design §2).
+GRAVE_PREFIX, GRAVE_SUFFIX = f"{OWNER}.", ".stale"
 # The names a job directory uses itself: a rejected entry never takes one of them.
 _JOB_FILES = frozenset({INPUT, STATE, OUTPUT, ERRORS, OWNER, CANCEL})
 REJECT_PREFIX = ".reject-"
@@ -314,6 +316,7 @@ class Spool:
     def _acquire(self, job_dir: Path, stale_after_s: float) -> bool:
         owner_path = job_dir / OWNER
         if fsio.create_exclusive(owner_path, self._owner_record()):
+            self._remove_graves(job_dir, stale_after_s)  # a taker's that crashed (C10)
             return True
         judged = self._owner(job_dir)  # one read: what is judged is what must be buried
         owner = _instance(judged)
@@ -327,24 +330,55 @@ class Spool:
                 return False
         elif owner != self.instance and not self.instance_is_stale(owner, stale_after_s):
             return False
-        grave = job_dir / f"{OWNER}.{self.instance}.{secrets.token_hex(3)}.stale"
+        grave = job_dir / f"{GRAVE_PREFIX}{self.instance}.{secrets.token_hex(3)}{GRAVE_SUFFIX}"
         try:
-            fsio.move(owner_path, grave)
-        except FileNotFoundError:
-            return False  # another daemon took it over first
-        if not fsio.create_exclusive(owner_path, self._owner_record()):
-            return False
-        try:
-            buried = fsio.read_json(grave)
-        except (OSError, ValueError):
-            buried = {}
-        if buried != judged:
-            # Between our look and our rename another daemon took the job over: we
-            # buried its fresh record. Step back; it finds itself no longer owner at its
-            # next check, and the job is acquired afresh (never by two at once).
-            (job_dir / OWNER).unlink(missing_ok=True)
-            return False
+            try:
+                fsio.move(owner_path, grave)
+            except FileNotFoundError:
+                return False  # another daemon took it over first
+            if not fsio.create_exclusive(owner_path, self._owner_record()):
+                return False  # one found no owner.json and created it first
+            try:
+                buried = fsio.read_json(grave)
+            except (OSError, ValueError):
+                buried = {}  # removed by a peer's repair: it judged us stale
+            if buried != judged:
+                # Between our look and our rename another daemon took the job over: we
+                # buried its fresh record. Step back; it finds itself no longer owner at
+                # its next check, and the job is acquired afresh (never by two at once).
+                self._step_back(job_dir)
+                return False
+        finally:
+            # Step 5: the grave has been read; kept, one would pile up per take-over.
+            # A crash before this is repaired by recovery (C10, C11).
+            fsio.remove(grave)
+        self._remove_graves(job_dir, stale_after_s)  # of takers that crashed (C10, C11)
         return True
+
+    def _step_back(self, job_dir: Path) -> None:
+        """Remove owner.json if it is still the record we created, and only then: a
+        taker that judged us stale meanwhile may have put its own there."""
+        owner_path = job_dir / OWNER
+        try:
+            mine = owner_path.read_bytes() == self._owner_record()
+        except FileNotFoundError:
+            return
+        if mine:
+            fsio.remove(owner_path)
+
+    def _remove_graves(self, job_dir: Path, stale_after_s: float) -> None:
+        """Remove the graves (design §2) left by takers that crashed before removing
+        theirs (C10, C11), whoever owns the job now: a grave is read by its taker
+        only. This instance's (a previous life: this one is never in the middle of a
+        take-over when it calls this) and a stale instance's; a live peer's may be
+        between its rename and its read, and is left alone."""
+        for entry in job_dir.iterdir():
+            name = entry.name
+            if not (name.startswith(GRAVE_PREFIX) and name.endswith(GRAVE_SUFFIX)):
+                continue
+            taker = name[len(GRAVE_PREFIX) : -len(GRAVE_SUFFIX)].rpartition(".")[0]
+            if taker == self.instance or self.instance_is_stale(taker, stale_after_s):
+                fsio.remove(entry)
 
     def still_owner(self, job_dir: Path) -> bool:
         owner = self._owner(job_dir)
@@ -387,6 +421,7 @@ class Spool:
                 self._repair_job(d, stale_after_s)
 
     def _repair_job(self, d: Path, stale_after_s: float) -> None:
+        self._remove_graves(d, stale_after_s)  # by their taker, also in a live peer's job
         if not self._ours_to_repair(d, stale_after_s):
             return
         fsio.remove_stray_temps(d)

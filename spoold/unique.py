@@ -40,10 +40,14 @@ class UniqueIds:
                 raise ValueError("more ids than fit in memory need a spill directory")
             self._memory = None
             buckets = min(MAX_BUCKETS, math.ceil(expected / PER_BUCKET))
-            for i in range(buckets):
-                path = spill_dir / f".ids-{os.getpid()}-{i}.tmp"
-                self._paths.append(path)
-                self._files.append(open(path, "wb", buffering=1 << 16))  # noqa: SIM115
+            try:
+                for i in range(buckets):
+                    path = spill_dir / f".ids-{os.getpid()}-{i}.tmp"
+                    self._paths.append(path)
+                    self._files.append(open(path, "wb", buffering=1 << 16))  # noqa: SIM115
+            except BaseException:
+                self.close()  # no inode left for the next bucket: the first ones go too
+                raise
 
     def add(self, line: int, custom_id: str, valid: bool) -> None:
         if self._memory is not None:
@@ -79,10 +83,20 @@ class UniqueIds:
         self._files = []
 
     def close(self) -> None:
+        """Close and remove every bucket, also when closing one fails: on a full disk
+        the flush of its buffered records raises, and the buckets must go all the same."""
+        error: OSError | None = None
         for f in self._files:
-            f.close()
+            try:
+                f.close()  # closes the descriptor even when the flush before it fails
+            except OSError as e:
+                error = error or e
+        self._files = []
         for path in self._paths:
             path.unlink(missing_ok=True)
+        self._paths = []
+        if error is not None:
+            raise error
 
     def __enter__(self) -> UniqueIds:
         return self

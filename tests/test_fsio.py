@@ -1,5 +1,8 @@
+import contextlib
 import errno
 import os
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -112,3 +115,67 @@ def test_remove_tree_does_not_follow_symlinks(tmp_path: Path) -> None:
     os.symlink(outside, staging / "link")
     fsio.remove_tree(staging)
     assert not staging.exists() and (outside / "keep").exists()
+
+
+# -- a full disk (a real tmpfs, filled up) --------------------------------------------
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(where: Path, size: str = "1m") -> Iterator[Path]:
+    """A real tmpfs of `size` mounted at `where` (created), unmounted afterwards.
+    Skips the test where mounting is not permitted (not root, no CAP_SYS_ADMIN)."""
+    where.mkdir(parents=True, exist_ok=True)
+    mount = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+        capture_output=True,
+        text=True,
+    )
+    if mount.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs to fill up (needs root): {mount.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=True)
+
+
+def fill(path: Path) -> int:
+    """Append to `path` until the filesystem is full (ENOSPC); the bytes it now holds."""
+    with open(path, "ab", buffering=0) as f:
+        for block in (1 << 16, 4096):
+            with contextlib.suppress(OSError):
+                while True:
+                    f.write(b"\0" * block)
+        return f.tell()
+
+
+def test_atomic_write_on_a_full_disk_raises_and_leaves_no_temp(tmp_path: Path) -> None:
+    """The write (or fsync) of the temp file fails with ENOSPC: the temp is removed,
+    the old file stays as it was (a heartbeat rewritten every beat on a full disk used
+    to leave one temp per beat)."""
+    with mounted_tmpfs(tmp_path / "full") as disk:
+        p = disk / "state.json"
+        fsio.atomic_write(p, b"old")
+        fill(disk / "filler")
+        for _ in range(3):
+            with pytest.raises(OSError) as e:
+                fsio.atomic_write(p, b"new" * 10_000)
+            assert e.value.errno == errno.ENOSPC
+        assert sorted(x.name for x in disk.iterdir()) == ["filler", "state.json"]
+        assert p.read_bytes() == b"old"
+
+
+def test_write_temp_and_create_exclusive_on_a_full_disk_leave_nothing(tmp_path: Path) -> None:
+    with mounted_tmpfs(tmp_path / "full") as disk:
+        fill(disk / "filler")
+        with pytest.raises(OSError):
+            fsio.write_temp(disk, "x.jsonl", [b"line\n" * 10_000])
+        with pytest.raises(OSError):
+            fsio.create_exclusive(disk / "owner.json", b'{"instance": "x"}' * 1000)
+        assert [x.name for x in disk.iterdir()] == ["filler"]
+
+
+def test_remove(tmp_path: Path) -> None:
+    (tmp_path / "x").write_text("x")
+    fsio.remove(tmp_path / "x")
+    fsio.remove(tmp_path / "x")  # gone already: nothing to do
+    assert list(tmp_path.iterdir()) == []
