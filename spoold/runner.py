@@ -168,7 +168,7 @@ class Runner:
             if self.spool.cancel_requested(job_dir):
                 cut_to_checkpoint(job_dir, state)
                 return self._finish(job_dir, state, CANCELLED, jlog)
-            engine = self.engines.get()  # after the attempt is counted (design §3, C10)
+            engine = self.engines.get()  # after the attempt is counted (design §3, C12)
             if engine is None:  # asked to stop while waiting to load it
                 give_back(job_dir)
                 return QUEUED

@@ -315,8 +315,8 @@ def test_a_request_that_kills_the_process_is_isolated_and_dead_lettered(tmp_path
     the culprit is dead-lettered alone as engine_crash on its second crash alone, the
     rest of its job completes, and the healthy job behind it runs afterwards.
 
-    Covers C13 (crash in normal mode, requests in flight), C14 (crash while a group
-    runs alone), C15/C16 (the next group after a commit or a dead-letter)."""
+    Covers C15 (crash in normal mode, requests in flight), C16 (crash while a group
+    runs alone), C17/C18 (the next group after a commit or a dead-letter)."""
     cfg = make_config(
         tmp_path,
         engine={"backend": "fake", "fake": {"crash_marker": "CRASH"}},
@@ -368,7 +368,7 @@ def test_a_request_that_kills_the_process_is_isolated_and_dead_lettered(tmp_path
 
 def test_a_model_load_that_kills_the_process_quarantines_its_job(tmp_path: Path) -> None:
     """A crash that no isolation can narrow (the model load itself kills the process, as
-    the OOM killer does: C10) is counted before the load, so the job is quarantined after
+    the OOM killer does: C12) is counted before the load, so the job is quarantined after
     `processing.max_job_attempts` crashes instead of crash-looping the daemon; the
     healthy job behind it is blocked until then and completes afterwards (design §3)."""
     limit = 3

@@ -4,7 +4,7 @@ Config drift between runs, a ledger gap, a model that cannot load, requests that
 the engine (the process, or only the engine), an input still being written after its
 claim, results too big for memory, transient I/O errors (strace's syscall fault
 injection), a stop that outlasts its timeout. Real `spoold` processes on real files;
-design.md names the crash points (C10–C16) these cover.
+design.md names the crash points (C12–C18) these cover.
 """
 
 from __future__ import annotations
