@@ -139,8 +139,10 @@ def parse_state(data: bytes) -> JobState:
     """A job record from state.json's bytes; RecordError for anything that is not one."""
     try:
         raw = json.loads(data)
-    except (ValueError, RecursionError) as e:  # bad JSON or UTF-8; nesting too deep
+    except ValueError as e:  # JSON or UTF-8
         raise RecordError(f"{STATE} is not JSON: {_short(str(e))}") from e
+    except RecursionError as e:
+        raise RecordError(f"{STATE} is not a job record: nested too deeply") from e
     try:
         return JobState.from_dict(raw)
     except RecordError as e:
