@@ -27,7 +27,17 @@ from spoold.engines.base import Engine, EngineFatal, ModelLoadError
 from spoold.execution import Hooks
 from spoold.gpu import GpuGuard, GpuReader
 from spoold.heartbeat import Heartbeat, beat_age, read_heartbeat
-from spoold.job import CANCELLED, FAILED, INPUT, QUEUED, RUNNING, TERMINAL, JobState, load_state
+from spoold.job import (
+    CANCELLED,
+    FAILED,
+    INPUT,
+    QUEUED,
+    RUNNING,
+    TERMINAL,
+    JobState,
+    load_state,
+    unreadable_problem,
+)
 from spoold.metrics import MetricsWriter
 from spoold.notify import Notifier
 from spoold.runner import (
@@ -255,6 +265,11 @@ class Daemon:
         else:
             if drain and self.models_failed:
                 log.error("jobs failed because their model could not load", jobs=self.models_failed)
+                code = 1
+            if drain and self.spool.unreadable:
+                # Not everything claimable was processed: say so to cron and scripts.
+                log.error("jobs left in processing/: their records cannot be read",
+                          jobs=sorted(self.spool.unreadable))  # fmt: skip
                 code = 1
         finally:
             if watcher is not None:
@@ -516,6 +531,7 @@ class Daemon:
         Jobs of a model in its load backoff, and jobs waiting out an I/O error, wait
         (design §8); `ignore_backoff` tries them now (--drain, nothing else left)."""
         jobs = [(d, st) for d, st in self.spool.active_jobs() if st.status not in TERMINAL]
+        self._report_unreadable()
         jobs = self._finish_cancelled(jobs)
         if self.metrics is not None:
             self.metrics.running = sum(st.status == RUNNING for _, st in jobs)
@@ -547,6 +563,16 @@ class Daemon:
             self._run_job(job_dir, state, model)
             return True
         return False
+
+    def _report_unreadable(self) -> None:
+        """Jobs whose records cannot be read stay where they are (SPEC §3), listed in
+        the heartbeat's problems while they are so (the spool logs each once)."""
+        unreadable = self.spool.unreadable
+        for topic in [k for k in self._problems if k.startswith("record:")]:
+            if topic[len("record:") :] not in unreadable:
+                self._problem(topic, None)
+        for job_id, why in unreadable.items():
+            self._problem(f"record:{job_id}", unreadable_problem(job_id, why))
 
     def _fail_unloadable(self, jobs: list[tuple[Path, JobState]]) -> list[tuple[Path, JobState]]:
         """File the queued jobs of a model that failed processing.max_model_load_attempts

@@ -8,7 +8,6 @@ its results pass processing.max_chunk_bytes (§5d).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
@@ -416,9 +415,13 @@ class Execution:
             self.run.halt = "lost"
             return False
         state, ck = self.state, self.state.checkpoint
-        counts = RequestCounts(state.request_counts.total, ck.completed, ck.failed)
-        with self.hooks.commit_lock:
-            save_state(self.job_dir, dataclasses.replace(state, request_counts=counts))
+        live = state.request_counts  # counted past the checkpoint: not committed yet
+        state.request_counts = RequestCounts(live.total, ck.completed, ck.failed)
+        try:
+            with self.hooks.commit_lock:
+                save_state(self.job_dir, state)
+        finally:
+            state.request_counts = live
         return True
 
     def report(self) -> None:

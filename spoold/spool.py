@@ -33,8 +33,9 @@ from spoold.job import (
     STATE,
     TERMINAL,
     JobState,
-    load_state,
+    Unreadable,
     new_job_id,
+    read_job,
     save_state,
 )
 from spoold.layout import (
@@ -186,6 +187,10 @@ class Spool:
         self.done = root / DONE
         self.failed = root / FAILED_DIR
         self.heartbeats = root / HEARTBEATS
+        # Jobs in processing/ whose records cannot be read (job id -> why), as of the last
+        # active_jobs(): left where they are, for the daemon to report (heartbeat problems).
+        self.unreadable: dict[str, str] = {}
+        self._logged_unreadable: dict[str, str] = {}  # what was said, to say it once
 
     def ensure_layout(self) -> None:
         for d in (self.incoming, self.processing, self.done, self.failed, self.heartbeats):
@@ -252,15 +257,32 @@ class Spool:
             yield Path(d.path)
 
     def active_jobs(self) -> list[tuple[Path, JobState]]:
-        """Jobs in processing/, in arrival (claim) order."""
+        """Jobs in processing/ whose records can be read, in arrival (claim) order. Those
+        that cannot be read are skipped, never touched, and named in `self.unreadable`."""
         jobs = []
+        unreadable: dict[str, str] = {}
         for d in self.job_dirs():
-            try:
-                jobs.append((d, load_state(d)))
-            except (OSError, ValueError):
-                continue  # vanished (moved by another daemon) or mid-recovery
+            found = read_job(d)
+            if isinstance(found, Unreadable):
+                unreadable[d.name] = found.why
+            elif found is not None:  # None: moved meanwhile (finished by another daemon)
+                jobs.append((d, found))
         jobs.sort(key=lambda j: (j[1].created_at, j[1].id))
+        self.unreadable = unreadable
+        readable = {d.name for d, _ in jobs}
+        for name in self._logged_unreadable.keys() - unreadable.keys():
+            del self._logged_unreadable[name]
+            if name in readable:
+                log.info("job record readable again", job_id=name)
+        for name, why in unreadable.items():
+            self._log_unreadable(name, why)
         return jobs
+
+    def _log_unreadable(self, name: str, why: str) -> None:
+        """Said once per job (again only if the reason changes), not at every rescan."""
+        if self._logged_unreadable.get(name) != why:
+            self._logged_unreadable[name] = why
+            log.error("job record cannot be read; job left in processing/", job_id=name, error=why)
 
     def queue_load(self) -> QueueLoad:
         load = QueueLoad()
@@ -295,7 +317,7 @@ class Spool:
         """owner.json's record; empty when missing or unreadable."""
         try:
             owner = fsio.read_json(job_dir / OWNER)
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):  # RecursionError: nested too deep
             return {}
         return owner if isinstance(owner, dict) else {}
 
@@ -340,7 +362,7 @@ class Spool:
                 return False  # one found no owner.json and created it first
             try:
                 buried = fsio.read_json(grave)
-            except (OSError, ValueError):
+            except (OSError, ValueError, RecursionError):
                 buried = {}  # removed by a peer's repair: it judged us stale
             if buried != judged:
                 # Between our look and our rename another daemon took the job over: we
@@ -424,12 +446,13 @@ class Spool:
         self._remove_graves(d, stale_after_s)  # by their taker, also in a live peer's job
         if not self._ours_to_repair(d, stale_after_s):
             return
-        fsio.remove_stray_temps(d)
-        try:
-            state = load_state(d)
-        except ValueError:
-            log.error("unreadable state.json; job left in place", job_id=d.name)
+        state = read_job(d)
+        if state is None:
+            return  # moved on meanwhile
+        if isinstance(state, Unreadable):
+            self._log_unreadable(d.name, state.why)  # and left untouched
             return
+        fsio.remove_stray_temps(d)
         if state.status in TERMINAL:  # C9: terminal state written, move not done
             log.info("finishing interrupted move", job_id=state.id, status=state.status)
             self.finish(d, state)

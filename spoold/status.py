@@ -3,6 +3,7 @@
 Reads files only (heartbeats, state.json); never imports vLLM, torch or NVML, so it
 starts fast. Exit codes follow the monitoring-plugin convention:
 0 healthy, 1 degraded, 2 down (stale heartbeat or stopped), 3 no daemon ever seen.
+A job in processing/ whose record cannot be read is a problem: degraded at least.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 
 from spoold.config import Config, ConfigError, load_config, resolve_config_path
 from spoold.heartbeat import beat_age, parse_time, read_heartbeat
-from spoold.job import ACTIVE, RUNNING, STATE
+from spoold.job import ACTIVE, RUNNING, STATE, JobState, Unreadable, read_job, unreadable_problem
 from spoold.layout import (
     DONE,
     FAILED,
@@ -42,6 +43,8 @@ class Report:
     queue: dict[str, int] = field(default_factory=dict)
     jobs: list[dict[str, Any]] = field(default_factory=list)
     recent_failures: list[dict[str, Any]] = field(default_factory=list)
+    # Jobs in processing/ whose record cannot be read: {id, error}; left where they are.
+    unreadable: list[dict[str, str]] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     exit_code: int = UNKNOWN
 
@@ -54,6 +57,7 @@ class Report:
             "queue": self.queue,
             "jobs": self.jobs,
             "recent_failures": self.recent_failures,
+            "unreadable_jobs": self.unreadable,
             "problems": self.problems,
         }
 
@@ -147,10 +151,15 @@ def build_report(spool: Path, stale_after_s: float, now: float | None = None) ->
     if not (spool / INCOMING).is_dir():
         report.problems.append(f"{spool}/incoming does not exist: is this a spool?")
     queued = running = left = 0
-    for d in job_dir_entries(spool / PROCESSING):
-        state = _read_state(Path(d.path))
-        if state is None or state.get("status") not in ACTIVE:
+    for d in sorted(job_dir_entries(spool / PROCESSING), key=lambda d: d.name):
+        found = read_job(Path(d.path))
+        if isinstance(found, Unreadable):
+            report.unreadable.append({"id": d.name, "error": found.why})
+            report.problems.append(unreadable_problem(d.name, found.why))
             continue
+        if found is None or found.status not in ACTIVE:  # None: moved on meanwhile
+            continue
+        state = found.to_dict()
         view = _job_view(state, report.daemons, now)
         report.jobs.append(view)
         left += max(0, view["total"] - view["done"])
@@ -180,18 +189,24 @@ def build_report(spool: Path, stale_after_s: float, now: float | None = None) ->
         recent_item["finished_at"] = state.get("finished_at")
         report.recent_failures.append(recent_item)
     for beat in report.daemons:
+        seen = set(report.problems)  # unreadable jobs: found here too, said once
         report.problems.extend(
-            f"{beat.get('instance')}: cannot move incoming/{name}"
-            for name in beat.get("problems") or []
+            f"{beat.get('instance')}: {problem}"
+            for problem in beat.get("problems") or []
+            if isinstance(problem, str) and problem not in seen
         )
+    if report.unreadable:
+        report.exit_code = max(report.exit_code, DEGRADED)
     return report
 
 
-def find_job(spool: Path, job_id: str) -> tuple[str, dict[str, Any]] | None:
-    """(processing|done|failed, state.json) of one job, or None."""
+def find_job(spool: Path, job_id: str) -> tuple[str, dict[str, Any] | Unreadable] | None:
+    """(processing|done|failed, state.json, or why it cannot be read) of one job, or None."""
     job_dir = find_job_dir(spool, job_id)
-    state = _read_state(job_dir) if job_dir is not None else None
-    return (job_dir.parent.name, state) if job_dir is not None and state is not None else None
+    found = read_job(job_dir) if job_dir is not None else None
+    if job_dir is None or found is None:
+        return None
+    return job_dir.parent.name, found.to_dict() if isinstance(found, JobState) else found
 
 
 # -- rendering ---------------------------------------------------------------------
@@ -305,6 +320,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"spool-status: no job {args.job_id!r} in {cfg.spool_dir}", file=sys.stderr)
             return DEGRADED
         where_, state = found
+        if isinstance(state, Unreadable):
+            problem = f"job {args.job_id} ({where_}/) cannot be read: {state.why}"
+            if args.json:
+                print(json.dumps({"where": where_, "state": None, "error": state.why}, indent=2))
+            else:
+                print(problem)
+            return max(report.exit_code, DEGRADED)
         if args.json:
             view = _job_view(state, report.daemons, report.now)
             print(json.dumps({"where": where_, "state": state, "progress": view}, indent=2))
