@@ -98,13 +98,8 @@ class Execution:
         state: JobState,
         files: tuple[AppendLog, AppendLog, BinaryIO],
     ) -> None:
-        self.spool, self.cfg, self.engines, self.engine, self.hooks = (
-            spool,
-            cfg,
-            engines,
-            engine,
-            hooks,
-        )
+        self.spool, self.cfg, self.engines, self.hooks = spool, cfg, engines, hooks
+        self.engine = engine
         self.job_dir, self.state = job_dir, state
         self.out, self.err, self.input = files
         ck = state.checkpoint
@@ -218,10 +213,7 @@ class Execution:
         self.commit()  # the narrowed suspects (and a culprit's error line) are durable
 
     def _dead_letter(self, req: Request) -> None:
-        msg = (
-            f"line {req.line}: this request crashed the engine "
-            f"({isolation.STRIKES_TO_BLAME} times, run alone); it was not run again"
-        )
+        msg = isolation.culprit_message(req.line)
         log.error("request crashes the engine; dead-lettered", job_id=self.state.id, line=req.line)
         self.run.pending[req.line] = (0, req)
         self.record(Failure(req, ENGINE_CRASH, msg, status=500))

@@ -57,3 +57,11 @@ def blame(iso: Isolation) -> int | None:
     iso.groups.pop(0)
     iso.strikes = 0
     return iso.suspects.pop(0)
+
+
+def culprit_message(line: int) -> str:
+    """The errors.jsonl message of a dead-lettered culprit."""
+    return (
+        f"line {line}: this request crashed the engine ({STRIKES_TO_BLAME} times, run "
+        "alone); it was not run again"
+    )

@@ -279,10 +279,7 @@ class Runner:
                         request = read_request(raw, line) if raw is not None else None
                         custom_id = request.custom_id if request is not None else None
                     break
-        message = (
-            f"line {line}: this request crashed the engine "
-            f"({isolation.STRIKES_TO_BLAME} times, run alone); it was not run again"
-        )
+        message = isolation.culprit_message(line)
         with AppendLog(job_dir / ERRORS, ck.errors_bytes) as err:
             err.append(formats.error_line(state.id, line, custom_id, ENGINE_CRASH, message, 500))
             err.sync()
