@@ -7,12 +7,17 @@ audit streams the two result files and needs one byte per input line.
 
 from __future__ import annotations
 
+import array
+import re
+import sys
+from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 from spoold import formats
 from spoold.job import ERRORS, INPUT, OUTPUT
-from spoold.validate import iter_lines
 
 _SHOWN = 5  # line numbers named in a message
 
@@ -46,34 +51,112 @@ class Audit:
         return "; ".join(parts)
 
 
-def audit(job_dir: Path, job_id: str, max_line_bytes: int) -> Audit:
-    """Compare the input's non-blank lines with the lines the result files answer."""
-    report = Audit()
-    wanted = bytearray()  # per input line (index = line - 1): 1 if non-blank
-    with open(job_dir / INPUT, "rb") as f:
-        for line_no, _, raw in iter_lines(f, 0, 1, max_line_bytes):
-            wanted.append(0 if raw is not None and is_blank(raw, line_no) else 1)
-    report.total = sum(wanted)
-    seen = bytearray(len(wanted))
+def audit(job_dir: Path, job_id: str, lines: int = -1, blank: list[int] | None = None) -> Audit:
+    """Compare the input's non-blank lines with the lines the result files answer.
+    `lines` and `blank` (the input's line count and its blank lines, as validation
+    saw them) spare reading the input again; without them it is scanned."""
+    if lines < 0 or blank is None:
+        with open(job_dir / INPUT, "rb") as f:
+            lines, blank = _scan_input(f)
+    skipped = set(blank)
     prefix = formats.batch_request_id(job_id, 0)[:-8].encode()
-    start = len(b'{"id":"') + len(prefix)
+    # One match per line: its line number in hex, or b"" for a line that names no line
+    # of this job. A literal newline starts it (each block is given one), so the
+    # regex engine goes from line to line in C.
+    per_line = re.compile(rb'\n(?:\{"id":"' + re.escape(prefix) + rb'([0-9a-f]{8})")?')
+    hexes: list[bytes] = []
+    unnamed = 0
     for name in (OUTPUT, ERRORS):
         try:
             f = open(job_dir / name, "rb")  # noqa: SIM115 - closed by the with below
         except FileNotFoundError:
             continue
         with f:
-            for record in f:
-                line = _line_of(record, prefix, start)
-                if line is None or not 0 < line <= len(wanted) or not wanted[line - 1]:
-                    report.foreign += 1
-                    continue
-                if seen[line - 1]:
-                    report.repeated.append(line)
-                seen[line - 1] = 1
-                report.accounted += 1
-    report.missing = [i + 1 for i, want in enumerate(wanted) if want and not seen[i]]
+            for block in _whole_lines(f):
+                found = per_line.findall(block)
+                unnamed += found.count(b"") - 1  # the newline ending the block starts no line
+                hexes.append(b"".join(found))
+    named = array.array("I", bytes.fromhex(b"".join(hexes).decode()))
+    if sys.byteorder == "little":
+        named.byteswap()  # fromhex gives big-endian numbers
+    answered = sorted(named)
+    expected = [n for n in range(1, lines + 1) if n not in skipped] if skipped else None
+    report = Audit(total=lines - len(skipped), accounted=len(answered), foreign=unnamed)
+    if answered == (expected if expected is not None else list(range(1, lines + 1))):
+        return report  # the common case, decided in C
+    counts = Counter(answered)
+    wanted = set(expected if expected is not None else range(1, lines + 1))
+    report.repeated = sorted(n for n, c in counts.items() if c > 1 and n in wanted)
+    report.foreign += sum(c for n, c in counts.items() if n not in wanted)
+    report.accounted = sum(1 for n in counts if n in wanted)
+    report.missing = sorted(wanted - counts.keys())
     return report
+
+
+_BLOCK = 1 << 20
+_HEAD = 1 << 16  # how much of a line is kept to judge whether it is blank
+# A newline not followed by "{": the lines after these are the only ones that can be
+# blank (rare).
+_NOT_OBJECT = re.compile(rb"\n(?!\{)")
+
+
+def _whole_lines(f: BinaryIO) -> Iterator[memoryview]:
+    """A result file in blocks of whole lines (a torn last line included), each given a
+    newline in front; views, not copies."""
+    carry = b""
+    while block := f.read(_BLOCK):
+        data = b"\n" + carry + block
+        cut = data.rfind(b"\n") + 1
+        carry = data[cut:]
+        if cut > 1:
+            yield memoryview(data)[:cut]
+        else:  # a line longer than the block: keep reading it (without the newline)
+            carry = data[1:]
+    if carry:
+        yield memoryview(b"\n" + carry + b"\n")
+
+
+def _scan_input(f: BinaryIO, size: int = _BLOCK) -> tuple[int, list[int]]:
+    """(number of lines, the blank ones) of an input, in blocks rather than line by
+    line: the lines that start with "{" (nearly all) are not even looked at. A line
+    longer than 64 KiB is judged by its first 64 KiB and whether anything follows."""
+    lines = 0
+    blank: list[int] = []
+    head = b""  # the start of the line the last block ended inside
+    more = False  # that line has content past `head`
+
+    def carry(rest: bytes) -> None:
+        nonlocal head, more
+        taken = max(0, _HEAD - len(head))
+        head += rest[:taken]
+        more = more or bool(rest[taken:].strip())
+
+    while block := f.read(size):
+        cut = block.find(b"\n") + 1
+        if not cut:  # still inside one long line
+            carry(block)
+            continue
+        carry(block[:cut])  # the line that spanned the blocks ends here
+        if not more and is_blank(head, lines + 1):
+            blank.append(lines + 1)
+        lines += 1
+        end = block.rfind(b"\n") + 1
+        body = block[cut:end]
+        for m in _NOT_OBJECT.finditer(b"\n" + body):
+            pos = m.start()  # where the line starts in `body`
+            if pos == len(body):
+                break
+            line_no = lines + body.count(b"\n", 0, pos) + 1
+            if is_blank(body[pos : body.index(b"\n", pos)], line_no):
+                blank.append(line_no)
+        lines += body.count(b"\n")
+        head, more = b"", False
+        carry(block[end:])
+    if head or more:  # a last line without a newline
+        lines += 1
+        if not more and is_blank(head, lines):
+            blank.append(lines)
+    return lines, blank
 
 
 def is_blank(raw: bytes, line_no: int) -> bool:

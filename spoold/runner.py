@@ -348,7 +348,7 @@ class Runner:
                 f"{state.source_name}: the engine run ended at byte {run.next_offset} of {size} "
                 f"with {len(run.pending)} request(s) unanswered; results so far are kept"
             )
-        audit = ledger.audit(job_dir, state.id, self.cfg.limits.max_line_bytes)
+        audit = ledger.audit(job_dir, state.id)
         c = state.request_counts
         if audit.balanced and audit.total == c.total == c.completed + c.failed:
             return
