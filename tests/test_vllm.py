@@ -123,12 +123,19 @@ def tokenizer(tiny_model: Path) -> Any:
     return AutoTokenizer.from_pretrained(str(tiny_model))
 
 
-def vllm_config(tmp: Path, model: Path, chunk_size: int = 5000) -> Path:
+def vllm_config(
+    tmp: Path,
+    model: Path,
+    chunk_size: int = 5000,
+    models: dict[str, str] | None = None,
+    **processing: Any,
+) -> Path:
     return make_config(
         tmp,
         engine={
             "backend": "vllm",
             "model": str(model),
+            "models": models or {},
             "dtype": "float32",
             "max_model_len": MAX_MODEL_LEN,
             # Engine arguments go directly under engine (SPEC §6), or in extra_args.
@@ -136,7 +143,7 @@ def vllm_config(tmp: Path, model: Path, chunk_size: int = 5000) -> Path:
             "seed": 0,
             "extra_args": {"kv_cache_memory_bytes": KV_CACHE_BYTES},
         },
-        processing={"chunk_size": chunk_size},
+        processing={"chunk_size": chunk_size, **processing},
     )
 
 
@@ -748,3 +755,168 @@ def test_a_mistyped_engine_argument_is_a_config_error_at_start(
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "engine.enforce_eagr" in proc.stderr and "'enforce_eager'" in proc.stderr
     assert (tmp_path / "spool" / "incoming" / "a.jsonl").exists()  # nothing was touched
+
+
+# -- 6. A model that cannot load wedges nothing (SPEC §3) -----------------------------
+
+MISSING_MODEL = "/nonexistent/model"
+
+
+def _log_events(log: Path) -> list[dict[str, Any]]:
+    """spoold's JSON log lines (vLLM's own lines, not JSON, skipped)."""
+    events = []
+    for line in log.read_text(errors="replace").splitlines():
+        if line.startswith("{"):
+            try:
+                events.append(json.loads(line))
+            except ValueError:
+                continue
+    return events
+
+
+def _seconds(event: dict[str, Any]) -> float:
+    from datetime import datetime
+
+    return datetime.fromisoformat(event["timestamp"].replace("Z", "+00:00")).timestamp()
+
+
+def _unloadable_beside_good(
+    tmp: Path, tiny_model: Path, model_retry_s: float
+) -> tuple[Path, list[dict[str, Any]], list[dict[str, Any]]]:
+    """A job for a model that cannot load (a path that does not exist), dropped before
+    a job for the tiny model; the config allows two loads."""
+    config = vllm_config(
+        tmp,
+        tiny_model,
+        models={"missing": MISSING_MODEL},
+        model_retry_s=model_retry_s,
+        max_model_load_attempts=2,
+    )
+    incoming = tmp / "spool" / "incoming"
+    bad = [chat(f"bad-{i}", f"question {i}", model="missing", max_tokens=4) for i in range(3)]
+    good = [chat(f"good-{i}", f"question {i}", max_tokens=4, temperature=0) for i in range(5)]
+    write_jsonl(incoming / "a_bad.jsonl", bad)
+    write_jsonl(incoming / "b_good.jsonl", good)
+    older = time.time_ns() - 2_000_000_000
+    os.utime(incoming / "a_bad.jsonl", ns=(older, older))
+    return config, bad, good
+
+
+def _offline_env() -> dict[str, str]:
+    return {**_env(), "HF_HUB_OFFLINE": "1"}  # nothing tries the network for the path
+
+
+def _check_unloadable_outcome(spool: Path, bad: list[Any], good: list[Any]) -> None:
+    """The good job done exactly once, the bad one failed naming the model, 2 loads."""
+    done = only_job(spool, "done")
+    assert state(done)["source_name"] == "b_good.jsonl"
+    assert state(done)["status"] == "completed", state(done)
+    assert_exactly_once(done, [r["custom_id"] for r in good])
+    assert read_results(done, "errors.jsonl") == []
+    out = {r["custom_id"]: r for r in read_results(done, "output.jsonl")}
+    for req in good:
+        _check_well_formed(out[req["custom_id"]], req)
+    failed = only_job(spool, "failed")
+    st = state(failed)
+    assert st["source_name"] == "a_bad.jsonl" and st["status"] == "failed", st
+    assert MISSING_MODEL in st["error"] and "2 attempts" in st["error"], st["error"]
+    assert "HFValidationError" in st["error"], "the last load error is named: " + st["error"]
+    assert st["request_counts"]["completed"] == 0, st
+    assert not job_dirs(spool, "processing") and not list((spool / "incoming").glob("*.jsonl"))
+
+
+def test_an_unloadable_model_beside_a_good_one_under_drain(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """SPEC §3 "A model that cannot load wedges nothing", with the real engine: the first
+    job's model path does not exist; one `--drain` runs the good job behind it, tries
+    the bad model's second load without waiting out its 30 s backoff, files the bad job
+    in failed/ naming the model and the error, and exits 1."""
+    config, bad, good = _unloadable_beside_good(tmp_path, tiny_model, model_retry_s=30)
+    spool = tmp_path / "spool"
+    log = tmp_path / "spoold.log"
+    with open(log, "wb") as out:
+        proc = subprocess.run(
+            [*SPOOLD, "run", "--config", str(config), "--drain"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=_offline_env(),
+            timeout=240,
+        )
+    text = log.read_text(errors="replace")
+    assert proc.returncode == 1, f"exit {proc.returncode}:\n{text[-3000:]}"
+    _check_unloadable_outcome(spool, bad, good)
+
+    events = _log_events(log)
+    loads = [e for e in events if e.get("event") == "cannot load model"]
+    assert [e["model"] for e in loads] == [MISSING_MODEL] * 2, loads
+    assert [e["attempt"] for e in loads] == [1, 2], loads
+    assert _seconds(loads[1]) - _seconds(loads[0]) < 30, "--drain waited out the backoff"
+    assert any(e.get("event") == "jobs failed because their model could not load" for e in events)
+    # One process that never crashed: no job run failed, no exit for the engine.
+    crashes = {"job run failed", "the engine died; exiting so the service manager restarts us"}
+    assert not [e for e in events if e.get("event") in crashes], text[-3000:]
+    assert "Traceback" not in text, text[-3000:]
+
+
+def test_an_unloadable_model_beside_a_good_one_under_a_live_daemon(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """The same under `spoold run`: the daemon stays up, spool-status says degraded naming
+    the model while its load waits a retry, the good job completes, the bad job goes to
+    failed/ after its second load; SIGTERM then ends the daemon with exit 0."""
+    config, bad, good = _unloadable_beside_good(tmp_path, tiny_model, model_retry_s=4)
+    spool = tmp_path / "spool"
+    beat_path = spool / "heartbeats" / "default.json"
+    status_cmd = [str(Path(sys.executable).parent / "spool-status"), "--config", str(config)]
+    log = tmp_path / "spoold.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [*SPOOLD, "run", "--config", str(config)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=_offline_env(),
+        )
+    degraded: subprocess.CompletedProcess[str] | None = None
+    try:
+        deadline = time.monotonic() + 180
+        while not job_dirs(spool, "failed"):
+            assert proc.poll() is None, f"spoold exited {proc.returncode}:\n{log.read_text()}"
+            assert time.monotonic() < deadline, "the bad job not failed within 180 s"
+            if degraded is None:
+                try:
+                    beat = json.loads(beat_path.read_text())
+                except (OSError, ValueError):
+                    beat = {}
+                if any(MISSING_MODEL in p for p in beat.get("problems") or []):
+                    status = subprocess.run(
+                        status_cmd, capture_output=True, text=True, timeout=30, env=_env()
+                    )
+                    if not job_dirs(spool, "failed"):  # still retrying when it looked
+                        degraded = status
+            time.sleep(0.05)
+        # The bad job is filed; the good one is done (it ran meanwhile) and the daemon
+        # is still up.
+        deadline = time.monotonic() + 120
+        while not job_dirs(spool, "done") or job_dirs(spool, "processing"):
+            assert proc.poll() is None, f"spoold exited {proc.returncode}:\n{log.read_text()}"
+            assert time.monotonic() < deadline, "the good job not done within 120 s"
+            time.sleep(0.1)
+        time.sleep(1.0)
+        assert proc.poll() is None, f"spoold exited {proc.returncode}:\n{log.read_text()}"
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        try:
+            rc = proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            rc = proc.wait()
+    assert rc == 0, f"SIGTERM: exit {rc}:\n{log.read_text()[-3000:]}"
+    _check_unloadable_outcome(spool, bad, good)
+    assert degraded is not None, "never saw the heartbeat name the model while it retried"
+    assert degraded.returncode == 1, degraded.stdout  # degraded
+    assert MISSING_MODEL in degraded.stdout, degraded.stdout
+    loads = [e for e in _log_events(log) if e.get("event") == "cannot load model"]
+    assert [e["attempt"] for e in loads] == [1, 2], loads
+    assert _seconds(loads[1]) - _seconds(loads[0]) >= 4 - 0.5, "no backoff between loads"
