@@ -17,6 +17,7 @@ turns a missing or broken vLLM into a failure.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -920,3 +921,121 @@ def test_an_unloadable_model_beside_a_good_one_under_a_live_daemon(
     loads = [e for e in _log_events(log) if e.get("event") == "cannot load model"]
     assert [e["attempt"] for e in loads] == [1, 2], loads
     assert _seconds(loads[1]) - _seconds(loads[0]) >= 4 - 0.5, "no backoff between loads"
+
+
+# -- 7. The engine core killed mid-job: reloaded in-process, suspects re-run ----------
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            kids += [int(k) for k in (task / "children").read_text().split()]
+        except (OSError, ValueError):
+            continue
+    return kids
+
+
+def _engine_cores(pid: int) -> list[int]:
+    """The daemon's vLLM EngineCore processes (comm "VLLM::EngineCore", cut to 15)."""
+    cores = []
+    for kid in _children(pid):
+        try:
+            if Path(f"/proc/{kid}/comm").read_text().startswith("VLLM::EngineCor"):
+                cores.append(kid)
+        except OSError:
+            continue
+    return cores
+
+
+def test_a_killed_engine_core_is_reloaded_and_its_requests_rerun(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """SPEC §3 "A request that kills the engine is isolated", with vLLM's engine core in
+    its own process (VLLM_ENABLE_V1_MULTIPROCESSING=1): SIGKILL the EngineCore mid-job.
+    The daemon sees the death (EngineDeadError → EngineDied), reloads the engine
+    in-process and keeps running; the requests that were in flight become suspects, run
+    again in groups on the fresh engine and all succeed (a core killed from outside has
+    no culprit: nothing is dead-lettered); the job completes exactly once."""
+    reqs = [
+        chat(f"d-{i}", f"Tell me about {WORDS[i % 8]} {i}", temperature=0, max_tokens=8)
+        if i % 10 == 0  # short ones finish first: a commit, with the rest in flight
+        else completion(f"d-{i}", f"One two three {i}", temperature=0, max_tokens=64)
+        for i in range(300)
+    ]
+    config = vllm_config(tmp_path, tiny_model, chunk_size=20)
+    spool = tmp_path / "spool"
+    write_jsonl(spool / "incoming" / "die.jsonl", reqs)
+    log = tmp_path / "spoold.log"
+    started = time.monotonic()
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [*SPOOLD, "run", "--config", str(config), "--drain"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**_env(), "VLLM_ENABLE_V1_MULTIPROCESSING": "1"},
+        )
+    suspects: set[int] = set()
+    try:
+        deadline = time.monotonic() + 150
+        while True:  # until a chunk is committed: requests are in flight then
+            assert proc.poll() is None, f"spoold exited {proc.returncode}:\n{log.read_text()}"
+            assert time.monotonic() < deadline, "no commit within 150 s"
+            committed = 0
+            for d in job_dirs(spool, "processing"):
+                try:
+                    committed = state(d)["request_counts"]["completed"]
+                except (OSError, ValueError, KeyError):
+                    continue  # being replaced right now
+            if committed > 0:
+                break
+            time.sleep(0.005)
+        first_commit = time.monotonic()
+        cores = _engine_cores(proc.pid)
+        assert len(cores) == 1, f"expected one EngineCore child of spoold: {cores}"
+        os.kill(cores[0], signal.SIGKILL)
+        job = only_job(spool, "processing")
+        # The daemon lives on: a new EngineCore, the suspects recorded in state.json.
+        deadline = time.monotonic() + 150
+        while proc.poll() is None:
+            assert time.monotonic() < deadline, f"not done 150 s after the kill:\n{log.read_text()}"
+            with contextlib.suppress(OSError, ValueError, KeyError):  # replaced, or filed
+                suspects.update(state(job)["isolation"]["suspects"])
+            time.sleep(0.02)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        rc = proc.wait(timeout=60)
+    total_s = time.monotonic() - started
+    text = log.read_text(errors="replace")
+    assert rc == 0, f"spoold exited {rc} after the engine core was killed:\n{text[-4000:]}"
+
+    events = _log_events(log)
+    died = [e for e in events if e.get("event") == "the engine died with requests in flight; "
+            "reloading it"]  # fmt: skip
+    assert len(died) == 1, text[-4000:]
+    assert died[0]["suspects"] > 0, died
+    assert any(e.get("event") == "reloading the engine after its death" for e in events)
+    loads = [e for e in events if e.get("event") == "loading model"]
+    assert len(loads) == 2, loads  # the first load and the reload, in one process
+    assert any(e.get("event") == "running suspects alone" for e in events), text[-4000:]
+
+    done = only_job(spool, "done")
+    final = state(done)
+    assert final["status"] == "completed", final
+    assert_exactly_once(done, [r["custom_id"] for r in reqs])
+    assert read_results(done, "errors.jsonl") == [], "a request was dead-lettered"
+    assert final["request_counts"] == {"total": len(reqs), "completed": len(reqs), "failed": 0}
+    assert final["isolation"]["suspects"] == [], final["isolation"]
+    out = {r["custom_id"]: r for r in read_results(done, "output.jsonl")}
+    assert suspects, "never saw the suspects recorded in state.json"
+    assert len(suspects) == died[0]["suspects"], (len(suspects), died)
+    for line in suspects:  # every request in flight at the death answered, once
+        _check_well_formed(out[reqs[line - 1]["custom_id"]], reqs[line - 1])
+
+    reload_s = _seconds(next(e for e in events if e.get("event") == "running suspects alone"))
+    reload_s -= _seconds(died[0])
+    print(
+        f"\nmultiprocess engine: first commit {first_commit - started:.1f} s after the start;"
+        f" reload {reload_s:.1f} s; whole run {total_s:.1f} s; {len(suspects)} suspects"
+    )
