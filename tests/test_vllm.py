@@ -17,6 +17,7 @@ turns a missing or broken vLLM into a failure.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -123,12 +124,19 @@ def tokenizer(tiny_model: Path) -> Any:
     return AutoTokenizer.from_pretrained(str(tiny_model))
 
 
-def vllm_config(tmp: Path, model: Path, chunk_size: int = 5000) -> Path:
+def vllm_config(
+    tmp: Path,
+    model: Path,
+    chunk_size: int = 5000,
+    models: dict[str, str] | None = None,
+    **processing: Any,
+) -> Path:
     return make_config(
         tmp,
         engine={
             "backend": "vllm",
             "model": str(model),
+            "models": models or {},
             "dtype": "float32",
             "max_model_len": MAX_MODEL_LEN,
             # Engine arguments go directly under engine (SPEC §6), or in extra_args.
@@ -136,7 +144,7 @@ def vllm_config(tmp: Path, model: Path, chunk_size: int = 5000) -> Path:
             "seed": 0,
             "extra_args": {"kv_cache_memory_bytes": KV_CACHE_BYTES},
         },
-        processing={"chunk_size": chunk_size},
+        processing={"chunk_size": chunk_size, **processing},
     )
 
 
@@ -748,3 +756,286 @@ def test_a_mistyped_engine_argument_is_a_config_error_at_start(
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "engine.enforce_eagr" in proc.stderr and "'enforce_eager'" in proc.stderr
     assert (tmp_path / "spool" / "incoming" / "a.jsonl").exists()  # nothing was touched
+
+
+# -- 6. A model that cannot load wedges nothing (SPEC §3) -----------------------------
+
+MISSING_MODEL = "/nonexistent/model"
+
+
+def _log_events(log: Path) -> list[dict[str, Any]]:
+    """spoold's JSON log lines (vLLM's own lines, not JSON, skipped)."""
+    events = []
+    for line in log.read_text(errors="replace").splitlines():
+        if line.startswith("{"):
+            try:
+                events.append(json.loads(line))
+            except ValueError:
+                continue
+    return events
+
+
+def _seconds(event: dict[str, Any]) -> float:
+    from datetime import datetime
+
+    return datetime.fromisoformat(event["timestamp"].replace("Z", "+00:00")).timestamp()
+
+
+def _unloadable_beside_good(
+    tmp: Path, tiny_model: Path, model_retry_s: float
+) -> tuple[Path, list[dict[str, Any]], list[dict[str, Any]]]:
+    """A job for a model that cannot load (a path that does not exist), dropped before
+    a job for the tiny model; the config allows two loads."""
+    config = vllm_config(
+        tmp,
+        tiny_model,
+        models={"missing": MISSING_MODEL},
+        model_retry_s=model_retry_s,
+        max_model_load_attempts=2,
+    )
+    incoming = tmp / "spool" / "incoming"
+    bad = [chat(f"bad-{i}", f"question {i}", model="missing", max_tokens=4) for i in range(3)]
+    good = [chat(f"good-{i}", f"question {i}", max_tokens=4, temperature=0) for i in range(5)]
+    write_jsonl(incoming / "a_bad.jsonl", bad)
+    write_jsonl(incoming / "b_good.jsonl", good)
+    older = time.time_ns() - 2_000_000_000
+    os.utime(incoming / "a_bad.jsonl", ns=(older, older))
+    return config, bad, good
+
+
+def _offline_env() -> dict[str, str]:
+    return {**_env(), "HF_HUB_OFFLINE": "1"}  # nothing tries the network for the path
+
+
+def _check_unloadable_outcome(spool: Path, bad: list[Any], good: list[Any]) -> None:
+    """The good job done exactly once, the bad one failed naming the model, 2 loads."""
+    done = only_job(spool, "done")
+    assert state(done)["source_name"] == "b_good.jsonl"
+    assert state(done)["status"] == "completed", state(done)
+    assert_exactly_once(done, [r["custom_id"] for r in good])
+    assert read_results(done, "errors.jsonl") == []
+    out = {r["custom_id"]: r for r in read_results(done, "output.jsonl")}
+    for req in good:
+        _check_well_formed(out[req["custom_id"]], req)
+    failed = only_job(spool, "failed")
+    st = state(failed)
+    assert st["source_name"] == "a_bad.jsonl" and st["status"] == "failed", st
+    assert MISSING_MODEL in st["error"] and "2 attempts" in st["error"], st["error"]
+    assert "HFValidationError" in st["error"], "the last load error is named: " + st["error"]
+    assert st["request_counts"]["completed"] == 0, st
+    assert not job_dirs(spool, "processing") and not list((spool / "incoming").glob("*.jsonl"))
+
+
+def test_an_unloadable_model_beside_a_good_one_under_drain(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """SPEC §3 "A model that cannot load wedges nothing", with the real engine: the first
+    job's model path does not exist; one `--drain` runs the good job behind it, tries
+    the bad model's second load without waiting out its 30 s backoff, files the bad job
+    in failed/ naming the model and the error, and exits 1."""
+    config, bad, good = _unloadable_beside_good(tmp_path, tiny_model, model_retry_s=30)
+    spool = tmp_path / "spool"
+    log = tmp_path / "spoold.log"
+    with open(log, "wb") as out:
+        proc = subprocess.run(
+            [*SPOOLD, "run", "--config", str(config), "--drain"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=_offline_env(),
+            timeout=240,
+        )
+    text = log.read_text(errors="replace")
+    assert proc.returncode == 1, f"exit {proc.returncode}:\n{text[-3000:]}"
+    _check_unloadable_outcome(spool, bad, good)
+
+    events = _log_events(log)
+    loads = [e for e in events if e.get("event") == "cannot load model"]
+    assert [e["model"] for e in loads] == [MISSING_MODEL] * 2, loads
+    assert [e["attempt"] for e in loads] == [1, 2], loads
+    assert _seconds(loads[1]) - _seconds(loads[0]) < 30, "--drain waited out the backoff"
+    assert any(e.get("event") == "jobs failed because their model could not load" for e in events)
+    # One process that never crashed: no job run failed, no exit for the engine.
+    crashes = {"job run failed", "the engine died; exiting so the service manager restarts us"}
+    assert not [e for e in events if e.get("event") in crashes], text[-3000:]
+    assert "Traceback" not in text, text[-3000:]
+
+
+def test_an_unloadable_model_beside_a_good_one_under_a_live_daemon(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """The same under `spoold run`: the daemon stays up, spool-status says degraded naming
+    the model while its load waits a retry, the good job completes, the bad job goes to
+    failed/ after its second load; SIGTERM then ends the daemon with exit 0."""
+    config, bad, good = _unloadable_beside_good(tmp_path, tiny_model, model_retry_s=4)
+    spool = tmp_path / "spool"
+    beat_path = spool / "heartbeats" / "default.json"
+    status_cmd = [str(Path(sys.executable).parent / "spool-status"), "--config", str(config)]
+    log = tmp_path / "spoold.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [*SPOOLD, "run", "--config", str(config)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=_offline_env(),
+        )
+    degraded: subprocess.CompletedProcess[str] | None = None
+    try:
+        deadline = time.monotonic() + 180
+        while not job_dirs(spool, "failed"):
+            assert proc.poll() is None, f"spoold exited {proc.returncode}:\n{log.read_text()}"
+            assert time.monotonic() < deadline, "the bad job not failed within 180 s"
+            if degraded is None:
+                try:
+                    beat = json.loads(beat_path.read_text())
+                except (OSError, ValueError):
+                    beat = {}
+                if any(MISSING_MODEL in p for p in beat.get("problems") or []):
+                    status = subprocess.run(
+                        status_cmd, capture_output=True, text=True, timeout=30, env=_env()
+                    )
+                    if not job_dirs(spool, "failed"):  # still retrying when it looked
+                        degraded = status
+            time.sleep(0.05)
+        # The bad job is filed; the good one is done (it ran meanwhile) and the daemon
+        # is still up.
+        deadline = time.monotonic() + 120
+        while not job_dirs(spool, "done") or job_dirs(spool, "processing"):
+            assert proc.poll() is None, f"spoold exited {proc.returncode}:\n{log.read_text()}"
+            assert time.monotonic() < deadline, "the good job not done within 120 s"
+            time.sleep(0.1)
+        time.sleep(1.0)
+        assert proc.poll() is None, f"spoold exited {proc.returncode}:\n{log.read_text()}"
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        try:
+            rc = proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            rc = proc.wait()
+    assert rc == 0, f"SIGTERM: exit {rc}:\n{log.read_text()[-3000:]}"
+    _check_unloadable_outcome(spool, bad, good)
+    assert degraded is not None, "never saw the heartbeat name the model while it retried"
+    assert degraded.returncode == 1, degraded.stdout  # degraded
+    assert MISSING_MODEL in degraded.stdout, degraded.stdout
+    loads = [e for e in _log_events(log) if e.get("event") == "cannot load model"]
+    assert [e["attempt"] for e in loads] == [1, 2], loads
+    assert _seconds(loads[1]) - _seconds(loads[0]) >= 4 - 0.5, "no backoff between loads"
+
+
+# -- 7. The engine core killed mid-job: reloaded in-process, suspects re-run ----------
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            kids += [int(k) for k in (task / "children").read_text().split()]
+        except (OSError, ValueError):
+            continue
+    return kids
+
+
+def _engine_cores(pid: int) -> list[int]:
+    """The daemon's vLLM EngineCore processes (comm "VLLM::EngineCore", cut to 15)."""
+    cores = []
+    for kid in _children(pid):
+        try:
+            if Path(f"/proc/{kid}/comm").read_text().startswith("VLLM::EngineCor"):
+                cores.append(kid)
+        except OSError:
+            continue
+    return cores
+
+
+def test_a_killed_engine_core_is_reloaded_and_its_requests_rerun(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """SPEC §3 "A request that kills the engine is isolated", with vLLM's engine core in
+    its own process (VLLM_ENABLE_V1_MULTIPROCESSING=1): SIGKILL the EngineCore mid-job.
+    The daemon sees the death (EngineDeadError → EngineDied), reloads the engine
+    in-process and keeps running; the requests that were in flight become suspects, run
+    again in groups on the fresh engine and all succeed (a core killed from outside has
+    no culprit: nothing is dead-lettered); the job completes exactly once."""
+    reqs = [
+        chat(f"d-{i}", f"Tell me about {WORDS[i % 8]} {i}", temperature=0, max_tokens=8)
+        if i % 10 == 0  # short ones finish first: a commit, with the rest in flight
+        else completion(f"d-{i}", f"One two three {i}", temperature=0, max_tokens=64)
+        for i in range(300)
+    ]
+    config = vllm_config(tmp_path, tiny_model, chunk_size=20)
+    spool = tmp_path / "spool"
+    write_jsonl(spool / "incoming" / "die.jsonl", reqs)
+    log = tmp_path / "spoold.log"
+    started = time.monotonic()
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [*SPOOLD, "run", "--config", str(config), "--drain"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**_env(), "VLLM_ENABLE_V1_MULTIPROCESSING": "1"},
+        )
+    suspects: set[int] = set()
+    try:
+        deadline = time.monotonic() + 150
+        while True:  # until a chunk is committed: requests are in flight then
+            assert proc.poll() is None, f"spoold exited {proc.returncode}:\n{log.read_text()}"
+            assert time.monotonic() < deadline, "no commit within 150 s"
+            committed = 0
+            for d in job_dirs(spool, "processing"):
+                try:
+                    committed = state(d)["request_counts"]["completed"]
+                except (OSError, ValueError, KeyError):
+                    continue  # being replaced right now
+            if committed > 0:
+                break
+            time.sleep(0.005)
+        first_commit = time.monotonic()
+        cores = _engine_cores(proc.pid)
+        assert len(cores) == 1, f"expected one EngineCore child of spoold: {cores}"
+        os.kill(cores[0], signal.SIGKILL)
+        job = only_job(spool, "processing")
+        # The daemon lives on: a new EngineCore, the suspects recorded in state.json.
+        deadline = time.monotonic() + 150
+        while proc.poll() is None:
+            assert time.monotonic() < deadline, f"not done 150 s after the kill:\n{log.read_text()}"
+            with contextlib.suppress(OSError, ValueError, KeyError):  # replaced, or filed
+                suspects.update(state(job)["isolation"]["suspects"])
+            time.sleep(0.02)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        rc = proc.wait(timeout=60)
+    total_s = time.monotonic() - started
+    text = log.read_text(errors="replace")
+    assert rc == 0, f"spoold exited {rc} after the engine core was killed:\n{text[-4000:]}"
+
+    events = _log_events(log)
+    died = [e for e in events if e.get("event") == "the engine died with requests in flight; "
+            "reloading it"]  # fmt: skip
+    assert len(died) == 1, text[-4000:]
+    assert died[0]["suspects"] > 0, died
+    assert any(e.get("event") == "reloading the engine after its death" for e in events)
+    loads = [e for e in events if e.get("event") == "loading model"]
+    assert len(loads) == 2, loads  # the first load and the reload, in one process
+    assert any(e.get("event") == "running suspects alone" for e in events), text[-4000:]
+
+    done = only_job(spool, "done")
+    final = state(done)
+    assert final["status"] == "completed", final
+    assert_exactly_once(done, [r["custom_id"] for r in reqs])
+    assert read_results(done, "errors.jsonl") == [], "a request was dead-lettered"
+    assert final["request_counts"] == {"total": len(reqs), "completed": len(reqs), "failed": 0}
+    assert final["isolation"]["suspects"] == [], final["isolation"]
+    out = {r["custom_id"]: r for r in read_results(done, "output.jsonl")}
+    assert suspects, "never saw the suspects recorded in state.json"
+    assert len(suspects) == died[0]["suspects"], (len(suspects), died)
+    for line in suspects:  # every request in flight at the death answered, once
+        _check_well_formed(out[reqs[line - 1]["custom_id"]], reqs[line - 1])
+
+    reload_s = _seconds(next(e for e in events if e.get("event") == "running suspects alone"))
+    reload_s -= _seconds(died[0])
+    print(
+        f"\nmultiprocess engine: first commit {first_commit - started:.1f} s after the start;"
+        f" reload {reload_s:.1f} s; whole run {total_s:.1f} s; {len(suspects)} suspects"
+    )

