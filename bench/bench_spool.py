@@ -215,7 +215,7 @@ def bench_ledger(n: int = 200_000, rounds: int = 5) -> None:
         marks = n // 2500
         for _ in range(rounds):
             t0 = time.perf_counter()
-            report = ledger.audit(job, st.id)
+            report = ledger.audit(job, st.id, st.input_lines, st.blank_lines)
             audits.append(time.perf_counter() - t0)
             assert report.balanced and report.total == n
             t0 = time.perf_counter()

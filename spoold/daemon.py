@@ -578,11 +578,14 @@ class Daemon:
         """File the queued jobs of a model that failed processing.max_model_load_attempts
         loads in failed/, naming the model and its last error; the jobs left to run."""
         limit = self.cfg.processing.max_model_load_attempts
+        given_up = {m for m, f in self.model_loads if f.attempts >= limit}
+        if not given_up:
+            return jobs
         left = []
         for job_dir, state in jobs:
             model = self._job_models[state.id]
             failing = self.model_loads.get(model)
-            if failing is None or failing.attempts < limit:
+            if model not in given_up or failing is None:
                 left.append((job_dir, state))
                 continue
             if not self.spool.acquire(job_dir, self.cfg.heartbeat.stale_after_s):
@@ -593,12 +596,18 @@ class Daemon:
                 state.error = (
                     f"model {model!r} could not be loaded ({failing.attempts} attempts, "
                     f"processing.max_model_load_attempts = {limit}): {failing.error}; "
-                    f"check engine.model / engine.models, then `spoold retry {state.id}`"
+                    f"check engine.model / engine.models, then submit {state.source_name} "
+                    f"again (it is kept as failed/{state.id}/input.jsonl)"
                 )
                 finish_job(self.spool, job_dir, state, FAILED, log.bind(job_id=state.id))
                 self.models_failed += 1
             except (OSError, ValueError) as e:  # a full disk, a peer first: next pass
                 log.warning("cannot file a job of an unloadable model yet", error=str(e))
+        # The jobs queued then are failed; one that arrives later gets a fresh round of
+        # loads (the cause may have passed: a network back, memory freed, a fixed path).
+        for model in given_up:
+            self.model_loads.succeeded(model)
+            self._problem(f"model:{model}", None)
         return left
 
     def _input_settled(self, job_dir: Path, state: JobState) -> bool:

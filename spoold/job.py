@@ -105,6 +105,9 @@ class JobState:
     # The input as claimed (design §5c): a change later means an upload still writing.
     input_size: int = -1
     input_mtime_ns: int = 0
+    # The input as validation saw it (design §5b): its lines, the blank ones among them.
+    input_lines: int = -1
+    blank_lines: list[int] = field(default_factory=list)
     # No line above this was handed to the engine since the checkpoint (design §5a).
     fed_through: int = 0
     isolation: Isolation = field(default_factory=Isolation)

@@ -35,7 +35,15 @@ from spoold.job import (
     utcnow,
 )
 from spoold.spool import Spool
-from spoold.validate import DUPLICATE, NotUtf8Error, Request, iter_lines, one_model, read_request
+from spoold.validate import (
+    DUPLICATE,
+    NotUtf8Error,
+    Request,
+    Shape,
+    iter_lines,
+    one_model,
+    read_request,
+)
 from spoold.validate import scan_file as scan_input
 
 log = structlog.get_logger("spoold.runner")
@@ -114,6 +122,7 @@ def restart_from_scratch(job_dir: Path, state: JobState, size: int, mtime_ns: in
             AppendLog(job_dir / name, 0).close()
     state.checkpoint = Checkpoint()
     state.rejected_lines = []
+    state.input_lines, state.blank_lines = -1, []
     state.request_counts.completed = state.request_counts.failed = 0
     state.fed_through = 0
     state.isolation = Isolation()
@@ -297,7 +306,8 @@ class Runner:
         rejected: list[int] = []
         with AppendLog(job_dir / ERRORS, 0) as errors, open(job_dir / INPUT, "rb") as f:
             try:
-                items = scan_input(f, self.cfg.limits.max_line_bytes, job_dir, expected)
+                shape = Shape()
+                items = scan_input(f, self.cfg.limits.max_line_bytes, job_dir, expected, shape)
                 resolve = self.cfg.engine.resolve_model
                 for item in one_model(items, resolve, self.engines.model):
                     if isinstance(item, Request):
@@ -330,6 +340,7 @@ class Runner:
                 )
                 raise JobFailed(f"{state.source_name}: no valid request ({why}); see errors.jsonl")
             state.rejected_lines = rejected
+            state.input_lines, state.blank_lines = shape.lines, shape.blank
             state.checkpoint = Checkpoint(
                 validated=True, errors_bytes=errors.size, failed=counts.failed
             )
@@ -348,7 +359,7 @@ class Runner:
                 f"{state.source_name}: the engine run ended at byte {run.next_offset} of {size} "
                 f"with {len(run.pending)} request(s) unanswered; results so far are kept"
             )
-        audit = ledger.audit(job_dir, state.id)
+        audit = ledger.audit(job_dir, state.id, state.input_lines, state.blank_lines)
         c = state.request_counts
         if audit.balanced and audit.total == c.total == c.completed + c.failed:
             return

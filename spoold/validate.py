@@ -6,7 +6,7 @@ import contextlib
 import json
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -332,8 +332,20 @@ def iter_lines(
         line_no += 1
 
 
+@dataclass
+class Shape:
+    """What a scan saw of a file's lines: how many, and which were blank (skipped)."""
+
+    lines: int = 0
+    blank: list[int] = field(default_factory=list)
+
+
 def scan_file(
-    f: BinaryIO, max_line_bytes: int, spill_dir: Path | None = None, expected: int = 0
+    f: BinaryIO,
+    max_line_bytes: int,
+    spill_dir: Path | None = None,
+    expected: int = 0,
+    shape: Shape | None = None,
 ) -> Iterator[Request | LineError]:
     """Check every line of an input file, streamed: what admission and validation see.
 
@@ -341,13 +353,16 @@ def scan_file(
     custom_id appeared on an earlier line, a `duplicate_custom_id` LineError that
     *replaces* the Request already yielded for that line. Memory stays bounded
     (`unique.UniqueIds`: past `expected` ids it spills to `spill_dir`). Raises
-    NotUtf8Error for a file that is not UTF-8 text.
+    NotUtf8Error for a file that is not UTF-8 text. `shape`, if given, is filled in
+    (for the ledger's audit, which then need not read the input again).
     """
     with contextlib.ExitStack() as stack:
         if spill_dir is None and expected > IN_MEMORY:
             spill_dir = Path(stack.enter_context(tempfile.TemporaryDirectory()))
         ids = stack.enter_context(UniqueIds(expected, spill_dir))
         for line_no, _, raw in iter_lines(f, 0, 1, max_line_bytes):
+            if shape is not None:
+                shape.lines = line_no
             if raw is None:
                 yield LineError(
                     line_no,
@@ -361,6 +376,8 @@ def scan_file(
             except UnicodeDecodeError as e:
                 raise NotUtf8Error(line_no, e.start) from None
             if parsed is None:
+                if shape is not None:
+                    shape.blank.append(line_no)
                 continue
             if parsed.custom_id is not None:
                 ids.add(line_no, parsed.custom_id, isinstance(parsed, Request))

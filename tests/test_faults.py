@@ -199,9 +199,15 @@ def test_an_unloadable_model_wedges_nothing_under_a_live_daemon(
     assert "no-such-model-MISSING" in st["error"] and "3 attempts" in st["error"], st["error"]
     assert "load_fail_marker" in st["error"], "the last load error is named"
     assert d.proc.poll() is None, "the daemon must not exit for a model that cannot load"
-    assert d.terminate() == 0
     log = d.log.read_text()
     assert log.count('"cannot load model"') == 3, "three loads, with backoff between them"
+
+    # A job for that model dropped later gets a round of loads of its own (the cause,
+    # a network or a path, may have been fixed meanwhile); it fails the same way.
+    write_jsonl(spool / "incoming" / "c_bad_again.jsonl", [chat("again", model="missing")])
+    wait_for(lambda: len(job_dirs(spool, "failed")) == 2, what="the second bad job to fail")
+    assert d.terminate() == 0
+    assert d.log.read_text().count('"cannot load model"') == 6
 
 
 def test_an_unloadable_model_under_drain_fails_its_jobs_and_exits_1(tmp_path: Path) -> None:
