@@ -5,6 +5,7 @@ says `stopped` and why, and spool-status then reports the daemon down."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import threading
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from spoold.heartbeat import Heartbeat
+from spoold.signals import STOP_SIGNALS, SignalWatcher
 from tests.helpers import (
     SPOOLD,
     _env,
@@ -127,3 +129,48 @@ def test_heartbeat_stop_does_not_wait_forever_for_a_stuck_write(tmp_path: Path) 
     stopper.join()
     assert took < 10, "Heartbeat.stop waited for the stuck write"
     assert len(raised) == 1 and isinstance(raised[0], OSError), raised
+
+
+# -- spoold.signals ----------------------------------------------------------------------
+
+
+def test_signal_watcher_calls_back_from_its_own_thread_and_restores(tmp_path: Path) -> None:
+    before = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    got: list[tuple[signal.Signals, str]] = []
+    watcher = SignalWatcher(lambda s: got.append((s, threading.current_thread().name)))
+    watcher.start()
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGINT)  # no KeyboardInterrupt: the handler is ours
+        wait_for(lambda: len(got) == 2, timeout=10, what="two callbacks")
+    finally:
+        watcher.close()
+    assert got == [(signal.SIGTERM, "signals"), (signal.SIGINT, "signals")]
+    assert {s: signal.getsignal(s) for s in STOP_SIGNALS} == before
+    assert signal.set_wakeup_fd(-1) == -1  # ours is gone (pytest sets none)
+    watcher.close()  # twice is fine
+
+
+def test_a_forked_child_signals_do_not_reach_the_parent() -> None:
+    """A child forked without exec (multiprocessing's fork; vLLM's engine core may be
+    one) inherits the wakeup fd: its own SIGTERM — the one that ends it at a model
+    switch — must not arrive in the parent's pipe as a stop of the daemon."""
+    got: list[signal.Signals] = []
+    watcher = SignalWatcher(got.append)
+    watcher.start()
+    try:
+        pid = os.fork()
+        if pid == 0:  # the child: a handler of its own, as vLLM's engine core has
+            try:
+                signal.signal(signal.SIGTERM, lambda *_: None)
+                os.kill(os.getpid(), signal.SIGTERM)
+            finally:
+                os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        time.sleep(0.3)
+        assert got == [], "the child's SIGTERM reached the parent's callback"
+        os.kill(os.getpid(), signal.SIGTERM)  # the parent's own still does
+        wait_for(lambda: got == [signal.SIGTERM], timeout=10, what="the parent's callback")
+    finally:
+        watcher.close()
