@@ -8,17 +8,21 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from spoold.heartbeat import Heartbeat
 from spoold.signals import STOP_SIGNALS, SignalWatcher
 from tests.helpers import (
     SPOOLD,
     _env,
+    make_config,
 )
 
 # Rounds stop in ~0.05 s (chunks of 20 requests take 0.04 s). Not less than 5: on a
@@ -80,6 +84,60 @@ def stop_within_bound(proc: subprocess.Popen[bytes], signum: int, log: Path, wha
         raise AssertionError(
             f"{what}: still running {BOUND_S} s after {signal.Signals(signum).name}:\n{tail}"
         ) from None
+
+
+# -- the signal handler takes no lock (the deadlock) ----------------------------------
+
+_SIGNAL_INSIDE = """
+import os, signal, sys
+from pathlib import Path
+from spoold.config import load_config
+from spoold.daemon import Daemon
+from spoold.engines import make_engine
+
+cfg = load_config(Path(sys.argv[1]))
+d = Daemon(cfg, lambda model: make_engine(cfg.engine, model))
+d.spool.ensure_layout()
+d.install_signal_handlers()
+lock = {
+    "heartbeat": d.heartbeat._lock,
+    "wake": d.wake._cond,
+    "stop_requested": d.stop_requested._cond,
+}[sys.argv[2]]
+with lock:
+    # The Python-level handler runs in this thread right after os.kill returns: here,
+    # with the lock held, as it would land inside any `with lock:` of the daemon.
+    os.kill(os.getpid(), signal.SIGTERM)
+    sum(range(100_000))
+print(f"stop requested: {d.stop_requested.wait(10)}", flush=True)
+d.shutdown()
+"""
+
+
+@pytest.mark.parametrize("held", ["heartbeat", "wake", "stop_requested"])
+def test_sigterm_while_the_main_thread_holds_a_lock_does_not_hang(
+    tmp_path: Path, held: str
+) -> None:
+    """The handler runs between two bytecodes of whatever the main thread was doing. A
+    handler that took the heartbeat's lock or an Event's (request_stop did) waited
+    forever on its own thread; every time, when the signal lands inside the lock."""
+    cfg = make_config(tmp_path)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _SIGNAL_INSIDE, str(cfg), held],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=_env(),
+    )
+    try:
+        out, _ = proc.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise AssertionError(f"SIGTERM inside the {held} lock hung the process") from None
+    assert proc.returncode == 0, out.decode()
+    assert b"stop requested: True" in out, out.decode()
+    beat = read_beat(tmp_path / "spool")
+    assert beat is not None and beat["status"] == "stopped" and beat["reason"] == "SIGTERM"
 
 
 # -- Heartbeat ----------------------------------------------------------------------------
