@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -138,6 +139,88 @@ def test_sigterm_while_the_main_thread_holds_a_lock_does_not_hang(
     assert b"stop requested: True" in out, out.decode()
     beat = read_beat(tmp_path / "spool")
     assert beat is not None and beat["status"] == "stopped" and beat["reason"] == "SIGTERM"
+
+
+# -- the last heartbeat, spool-status, the next start ------------------------------------
+
+
+def spool_status(cfg: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    status = str(Path(sys.executable).parent / "spool-status")
+    return subprocess.run(
+        [status, "--config", str(cfg), *extra],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=30,
+    )
+
+
+def test_a_clean_stop_leaves_stopped_and_spool_status_says_down(tmp_path: Path) -> None:
+    """SPEC §4/§5: a daemon that exits cleanly writes its heartbeat a last time as
+    `stopped` with a reason; spool-status then exits 2 (down) and says so, at once,
+    not only once the heartbeat has gone stale."""
+    cfg = make_config(tmp_path, heartbeat={"interval_s": 0.1, "stale_after_s": 60})
+    spool = tmp_path / "spool"
+    log = tmp_path / "daemon.log"
+    proc = spawn(cfg, log)
+    try:
+        wait_for(lambda: (read_beat(spool) or {}).get("pid") == proc.pid, what="a heartbeat")
+        first = read_beat(spool)
+        assert first is not None and first["problems"] == [] and first["seq"] >= 1
+        live = wait_for(
+            lambda: (read_beat(spool) or {}).get("status") == "idle" and read_beat(spool)
+        )
+        assert spool_status(cfg).returncode == 0
+        assert stop_within_bound(proc, signal.SIGTERM, log, "idle daemon") == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    last = read_beat(spool)
+    assert last is not None
+    assert last["status"] == "stopped" and last["reason"] == "SIGTERM"
+    assert last["seq"] > live["seq"] and last["problems"] == []
+    shown = spool_status(cfg)
+    assert shown.returncode == 2, shown.stdout
+    assert "DOWN" in shown.stdout and "stopped" in shown.stdout and "SIGTERM" in shown.stdout
+    report = json.loads(spool_status(cfg, "--json").stdout)
+    assert report["health"] == "down"
+    (daemon,) = report["daemons"]
+    assert daemon["status"] == "stopped" and daemon["reason"] == "SIGTERM"
+    assert daemon["stopped_at"] == last["updated_at"]
+
+
+def _beat(spool: Path, **fields: Any) -> None:
+    """A heartbeat as another spoold would have written it, just now."""
+    now = datetime.now(UTC).isoformat().replace("+00:00", "Z")
+    beat = {
+        "pid": 4242,
+        "hostname": "elsewhere.example",
+        "instance": "default",
+        "version": "0",
+        "status": "idle",
+        "reason": None,
+        "started_at": now,
+        "updated_at": now,
+        "last_progress_at": now,
+        "current_job": None,
+        "gpu": None,
+        "limits": {},
+        "seq": 7,
+        "problems": [],
+        **fields,
+    }
+    (spool / "heartbeats").mkdir(parents=True, exist_ok=True)
+    (spool / "heartbeats" / "default.json").write_text(json.dumps(beat))
+
+
+def test_a_stopping_daemon_is_still_alive_for_spool_status(tmp_path: Path) -> None:
+    """`stopping` is a live daemon finishing its chunk (it still commits): not down."""
+    cfg = make_config(tmp_path)
+    _beat(tmp_path / "spool", status="stopping", reason="SIGTERM")
+    shown = spool_status(cfg)
+    assert shown.returncode == 1, shown.stdout  # alive, but no longer taking work
+    assert "stopping" in shown.stdout
 
 
 # -- Heartbeat ----------------------------------------------------------------------------
