@@ -226,10 +226,11 @@ class Daemon:
     def _check_instance_free(self) -> None:
         """One live daemon per instance name: the instance is who owns jobs, staging
         dirs and the heartbeat file, so two would take each other's work for their
-        own. A previous life of this daemon (same host, its pid gone or not spoold) or
-        a stale heartbeat are fine; one still stopping (finishing its last chunk) is not."""
+        own. A previous life of this daemon (same host, its pid gone or not spoold), a
+        heartbeat that says `stopped` (its daemon exited cleanly) or a stale one are
+        fine; one still stopping (finishing its last chunk) is not."""
         beat = read_heartbeat(self.cfg.heartbeat_path)
-        if beat is None:
+        if beat is None or beat.get("status") == "stopped":
             return
         age = beat_age(beat, time.time())
         if age is None or age > self.cfg.heartbeat.stale_after_s:

@@ -24,6 +24,7 @@ from tests.helpers import (
     SPOOLD,
     _env,
     make_config,
+    run_spoold,
 )
 
 # Rounds stop in ~0.05 s (chunks of 20 requests take 0.04 s). Not less than 5: on a
@@ -221,6 +222,21 @@ def test_a_stopping_daemon_is_still_alive_for_spool_status(tmp_path: Path) -> No
     shown = spool_status(cfg)
     assert shown.returncode == 1, shown.stdout  # alive, but no longer taking work
     assert "stopping" in shown.stdout
+
+
+def test_a_stopped_heartbeat_does_not_block_the_next_daemon(tmp_path: Path) -> None:
+    """A fresh heartbeat of the same instance blocks a start (its daemon may still run,
+    on another host); one that says `stopped` does not: that daemon exited cleanly."""
+    cfg = make_config(tmp_path)
+    spool = tmp_path / "spool"
+    _beat(spool, status="stopping")
+    refused = run_spoold("run", "--config", str(cfg), "--drain", timeout=60)
+    assert refused.returncode == 2 and "elsewhere.example" in refused.stderr, refused.stderr
+    _beat(spool, status="stopped", reason="SIGTERM")
+    ran = run_spoold("run", "--config", str(cfg), "--drain", timeout=60)
+    assert ran.returncode == 0, ran.stderr
+    beat = read_beat(spool)
+    assert beat is not None and beat["status"] == "stopped" and beat["reason"] == "drained"
 
 
 # -- Heartbeat ----------------------------------------------------------------------------
