@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,8 +25,14 @@ from spoold.signals import STOP_SIGNALS, SignalWatcher
 from tests.helpers import (
     SPOOLD,
     _env,
+    assert_exactly_once,
+    chat,
+    drain,
+    job_dirs,
     make_config,
     run_spoold,
+    state,
+    write_jsonl,
 )
 
 # Rounds stop in ~0.05 s (chunks of 20 requests take 0.04 s). Not less than 5: on a
@@ -86,6 +94,73 @@ def stop_within_bound(proc: subprocess.Popen[bytes], signum: int, log: Path, wha
         raise AssertionError(
             f"{what}: still running {BOUND_S} s after {signal.Signals(signum).name}:\n{tail}"
         ) from None
+
+
+def signal_one_daemon(
+    cfg: Path, log: Path, signum: signal.Signals, delay_s: float | None
+) -> tuple[int, str | None]:
+    """Start a daemon, signal it `delay_s` after its first heartbeat (None: the moment
+    it handles the signal, before its first heartbeat); its pid and what it last said
+    before the signal. Fails unless it exits 0 in time, its last beat `stopped`."""
+    spool = cfg.parent / "spool"
+    proc = spawn(cfg, log)
+    try:
+        wait_for(lambda: catches(proc.pid, signal.SIGTERM) or proc.poll() is not None)
+        said: str | None = "before a beat"
+        if delay_s is not None:
+            wait_for(
+                lambda: (read_beat(spool) or {}).get("pid") == proc.pid,
+                what="the daemon's first heartbeat",
+            )
+            time.sleep(delay_s)
+            said = (read_beat(spool) or {}).get("status")
+        what = f"{signum.name} {delay_s} s after the first heartbeat (it said {said})"
+        assert stop_within_bound(proc, signum, log, what) == 0, f"{what}: exit code"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    beat = read_beat(spool)
+    assert beat is not None and beat["pid"] == proc.pid, what
+    assert beat["status"] == "stopped" and beat["reason"] == signum.name, (what, beat)
+    assert isinstance(beat["seq"], int) and beat["seq"] >= 1, beat
+    return proc.pid, said
+
+
+@pytest.mark.slow
+def test_a_signal_at_any_moment_stops_cleanly_and_the_job_completes_once(
+    tmp_path: Path,
+) -> None:
+    """Dozens of real daemons, each signalled at a random moment (seeded): while it
+    recovers, right after its first heartbeat, while it validates, loads the model,
+    runs, commits — with a heartbeat written 100 times a second, so many signals land
+    inside a heartbeat write. Every one exits 0 in time and leaves `stopped`."""
+    cfg = make_config(
+        tmp_path,
+        heartbeat={"interval_s": 0.01, "stale_after_s": 1},
+        processing={"chunk_size": 20, "stop_timeout_s": STOP_TIMEOUT_S},
+        engine={"backend": "fake", "fake": {"delay_per_request_s": 0.002, "batch_size": 10}},
+    )
+    spool = tmp_path / "spool"
+    ids = [f"r{i}" for i in range(6000)]
+    write_jsonl(spool / "incoming" / "long.jsonl", [chat(i) for i in ids])
+    log = tmp_path / "daemon.log"
+    rng = random.Random(20260301)
+    said: Counter[str | None] = Counter()  # what the daemon last said before each signal
+    for round_ in range(42):
+        signum = signal.SIGINT if round_ % 3 == 2 else signal.SIGTERM
+        delay_s = None
+        if round_ % 7:
+            delay_s = rng.choice((rng.uniform(0, 0.05), rng.uniform(0, 0.8)))
+        said[signal_one_daemon(cfg, log, signum, delay_s)[1]] += 1
+    assert said["processing"] >= 10, said  # the signals did land in running jobs
+    (job,) = job_dirs(spool, "processing")
+    assert state(job)["request_counts"]["completed"] > 0, "no round got as far as a commit"
+    fast = make_config(tmp_path, processing={"chunk_size": 1000})
+    drain(fast)
+    (done,) = job_dirs(spool, "done")
+    assert state(done)["status"] == "completed"
+    assert_exactly_once(done, ids)
 
 
 # -- the signal handler takes no lock (the deadlock) ----------------------------------
