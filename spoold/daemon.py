@@ -1,6 +1,7 @@
 """The daemon: recover → (admit → run one job → heartbeat)* → shut down.
 
-Signal handlers only set a flag; the loop checks it between steps.
+Signals reach request_stop from spoold.signals' thread; the loop checks the flag
+between steps.
 """
 
 from __future__ import annotations
@@ -9,14 +10,13 @@ import contextlib
 import errno
 import os
 import shutil
-import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import structlog
@@ -50,6 +50,7 @@ from spoold.runner import (
     give_back,
     restart_from_scratch,
 )
+from spoold.signals import SignalWatcher
 from spoold.spool import Entry, Kind, QueueLoad, SettleTracker, Spool, count_requests
 from spoold.validate import first_request
 from spoold.watch import Watcher
@@ -135,6 +136,10 @@ class Daemon:
         self.clock = clock
         self.settle = SettleTracker(cfg.watch.settle_seconds)
         self.stop_requested = threading.Event()
+        self.stop_reason: str | None = None  # what asked (SIGTERM…), for the last heartbeat
+        self._stop_lock = threading.Lock()  # request_stop may come from any thread
+        self._stop_timer: threading.Timer | None = None
+        self._signals: SignalWatcher | None = None
         self.wake = threading.Event()  # set by filesystem events and signals
         self.notifier = Notifier()
         # Without a watcher (--drain) poll briskly; with one, events wake us and the
@@ -176,24 +181,32 @@ class Daemon:
     # -- life cycle ---------------------------------------------------------------
 
     def install_signal_handlers(self) -> None:
-        """SIGTERM/SIGINT only set flags; the loop stops at the next chunk boundary."""
+        """SIGTERM/SIGINT stop the loop at the next chunk boundary (from the main thread).
 
-        def on_signal(signum: int, _frame: FrameType | None) -> None:
-            self.request_stop()
+        The handlers do nothing themselves: a handler runs inside whatever the main
+        thread was doing, locks held included, and request_stop takes locks. The
+        signals' own thread calls it (spoold.signals); shutdown closes that thread."""
+        if self._signals is None:
+            self._signals = SignalWatcher(lambda signum: self.request_stop(signum.name))
+            self._signals.start()
 
-        signal.signal(signal.SIGTERM, on_signal)
-        signal.signal(signal.SIGINT, on_signal)
-
-    def request_stop(self) -> None:
-        """Stop taking work; abandon the current chunk if it outlives stop_timeout_s."""
-        if self.stop_requested.is_set():
-            return
-        self.stop_requested.set()
+    def request_stop(self, reason: str = "stop requested") -> None:
+        """Stop taking work; abandon the current chunk if it outlives stop_timeout_s.
+        Once only (a second request changes nothing); from any thread, never from a
+        signal handler."""
+        with self._stop_lock:
+            if self.stop_requested.is_set():
+                return
+            self.stop_reason = reason
+            # `stopping` before the flag: the loop, seeing the flag, may write `stopped`.
+            self.heartbeat.set(status="stopping", reason=reason)
+            self.stop_requested.set()
+            timer = threading.Timer(self.cfg.processing.stop_timeout_s, self._abandon)
+            timer.daemon = True
+            timer.start()
+            self._stop_timer = timer
         self.wake.set()
-        self.heartbeat.set(status="stopping")
-        timer = threading.Timer(self.cfg.processing.stop_timeout_s, self._abandon)
-        timer.daemon = True
-        timer.start()
+        log.info("stop requested", reason=reason)
 
     def _abandon(self) -> None:
         # The chunk did not finish in time: exit without committing it. Its results
@@ -212,7 +225,7 @@ class Daemon:
                 if self.spool.still_owner(job_dir):
                     give_back(job_dir)
         with contextlib.suppress(OSError):
-            self.heartbeat.stop("stopping")
+            self.heartbeat.stop("stopped", reason=f"{self.stop_reason}; stop timeout")
         os._exit(0)
 
     def run(self, drain: bool = False) -> int:
@@ -274,7 +287,7 @@ class Daemon:
         finally:
             if watcher is not None:
                 watcher.stop()
-            self.shutdown()
+            self.shutdown(code)
         return code
 
     def _take_over_dead_peers(self) -> None:
@@ -293,10 +306,11 @@ class Daemon:
     def _check_instance_free(self) -> None:
         """One live daemon per instance name: the instance is who owns jobs, staging
         dirs and the heartbeat file, so two would take each other's work for their
-        own. A previous life of this daemon (same host, its pid gone or not spoold) or
-        a stale heartbeat are fine; one still stopping (finishing its last chunk) is not."""
+        own. A previous life of this daemon (same host, its pid gone or not spoold), a
+        heartbeat that says `stopped` (its daemon exited cleanly) or a stale one are
+        fine; one still stopping (finishing its last chunk) is not."""
         beat = read_heartbeat(self.cfg.heartbeat_path)
-        if beat is None:
+        if beat is None or beat.get("status") == "stopped":
             return
         age = beat_age(beat, time.time())
         if age is None or age > self.cfg.heartbeat.stale_after_s:
@@ -310,13 +324,40 @@ class Daemon:
             "instance (config key instance, or --instance)"
         )
 
-    def shutdown(self) -> None:
+    def shutdown(self, code: int = 0) -> None:
+        """Close the engine, then write the heartbeat a last time (`stopped`, and why:
+        SIGTERM, drained…) and let go of the signals. `code`: run's exit code."""
+        reason = self._stopped_because(code)
         self.notifier.stopping()
-        self.heartbeat.stop("stopping")
-        if self.engine is not None:
-            self.engine.close()
-            self.engine = None
-        log.info("spoold stopped")
+        self.heartbeat.set(status="stopping", reason=reason, current_job=None)
+        try:
+            # Before `stopped`: a daemon that starts as this instance once it reads
+            # `stopped` must find the GPU memory given back.
+            if self.engine is not None:
+                self.engine.close()
+                self.engine = None
+        finally:
+            try:
+                self.heartbeat.stop("stopped", reason=reason)
+            except OSError as e:  # a full disk: the exit is clean all the same
+                log.warning("cannot write the last heartbeat", error=str(e))
+            if self._signals is not None:
+                # The process is on its way out: a late SIGTERM must not kill it (it
+                # exits 0), so the signals keep doing nothing.
+                self._signals.close(restore_handlers=False)
+                self._signals = None
+            with self._stop_lock:
+                if self._stop_timer is not None:
+                    self._stop_timer.cancel()  # stopped in time: nothing to abandon
+        log.info("spoold stopped", reason=reason)
+
+    def _stopped_because(self, code: int) -> str:
+        if self.stop_reason is not None:
+            return self.stop_reason
+        error = sys.exc_info()[1]  # shutdown runs in run's `finally`
+        if error is not None:
+            return f"crashed: {type(error).__name__}: {error}"
+        return "drained" if code == 0 else f"exited with code {code}: see the log"
 
     def _idle(self, report: AdmitReport) -> None:
         waiting = len(report.waiting)

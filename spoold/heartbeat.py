@@ -18,7 +18,16 @@ from typing import Any
 from spoold import __version__, fsio
 from spoold.job import utcnow
 
-STATUSES = ("starting", "idle", "loading_model", "processing", "throttled", "stopping")
+STATUSES = (
+    "starting",
+    "idle",
+    "loading_model",
+    "processing",
+    "throttled",
+    "stopping",  # still alive: finishing (or abandoning) its chunk
+    "stopped",  # the last beat of a daemon that exited cleanly; `reason` says why
+)
+STOP_JOIN_S = 2.0  # how long stop() waits for a beat in flight (a hung filesystem)
 
 
 def parse_time(value: Any) -> float | None:
@@ -58,7 +67,8 @@ class Heartbeat:
     """Rewrites the heartbeat file every `interval_s` from its own thread.
 
     The daemon's loop only updates fields (`set`); the thread keeps the file fresh
-    while a long chunk runs. `last_progress_at` says when work last moved.
+    while a long chunk runs. `last_progress_at` says when work last moved; `seq` grows
+    by one at every write, so peers see a beat change on their own clock.
     """
 
     def __init__(self, path: Path, interval_s: float, limits: dict[str, Any]) -> None:
@@ -78,8 +88,12 @@ class Heartbeat:
             "current_job": None,
             "gpu": None,
             "limits": limits,
+            "problems": [],
+            "seq": 0,
         }
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the fields
+        # One write at a time, so the file's seq only grows, and the last beat is last.
+        self._write_lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -96,9 +110,16 @@ class Heartbeat:
         self.set(current_job=current_job, last_progress_at=utcnow())
 
     def write(self) -> None:
-        if self.sampler is not None:
-            self.set(**self.sampler())
+        with self._write_lock:
+            self._write({})
+
+    def _write(self, final: dict[str, Any]) -> None:
+        """One beat; `final` is set in the same step as the snapshot is taken, so no
+        set() from another thread lands in between."""
+        sampled = self.sampler() if self.sampler is not None else {}
         with self._lock:
+            self._fields.update(sampled, **final)
+            self._fields["seq"] += 1
             self._fields["updated_at"] = utcnow()
             snapshot = dict(self._fields)
         fsio.atomic_write_json(self.path, snapshot)
@@ -117,9 +138,27 @@ class Heartbeat:
             with contextlib.suppress(OSError):
                 self.write()
 
-    def stop(self, final_status: str = "stopping") -> None:
+    def stop(
+        self,
+        final_status: str = "stopped",
+        reason: str | None = None,
+        timeout_s: float = STOP_JOIN_S,
+    ) -> None:
+        """End the thread and write a last beat (`final_status`, and `reason` if given).
+
+        Waits at most `timeout_s` for a beat in flight: one stuck in a hung filesystem
+        write would hold the last beat too, so then there is none (OSError as for a
+        failed write) rather than a stop that never ends."""
+        deadline = time.monotonic() + timeout_s
         self._stop.set()
         if self._thread is not None:
-            self._thread.join()
-        self.set(status=final_status, current_job=None)
-        self.write()
+            self._thread.join(timeout_s)
+        final: dict[str, Any] = {"status": final_status, "current_job": None}
+        if reason is not None:
+            final["reason"] = reason
+        if not self._write_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            raise TimeoutError(f"{self.path}: a heartbeat write is stuck; no last beat")
+        try:
+            self._write(final)
+        finally:
+            self._write_lock.release()

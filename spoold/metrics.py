@@ -64,7 +64,7 @@ def render(
         if value is not None:
             samples[name].append((_labels(**inst, **labels), float(value)))
 
-    add("spoold_up", 1 if beat.get("status") != "stopping" else 0)
+    add("spoold_up", 0 if beat.get("status") in ("stopping", "stopped") else 1)
     add("spoold_heartbeat_timestamp_seconds", parse_time(beat.get("updated_at")))
     add("spoold_throttled", 1 if beat.get("status") == "throttled" else 0)
     jobs = {

@@ -4,6 +4,8 @@ Reads files only (heartbeats, state.json); never imports vLLM, torch or NVML, so
 starts fast. Exit codes follow the monitoring-plugin convention:
 0 healthy, 1 degraded, 2 down (stale heartbeat or stopped), 3 no daemon ever seen.
 A job in processing/ whose record cannot be read is a problem: degraded at least.
+A daemon whose last beat says `stopped` exited cleanly: down at once, not only once its
+heartbeat goes stale. One that says `stopping` is still alive, finishing its chunk.
 """
 
 from __future__ import annotations
@@ -85,6 +87,8 @@ def _daemons(spool: Path, stale_after_s: float, now: float) -> list[dict[str, An
         progress = parse_time(beat.get("last_progress_at"))
         beat["age_s"] = None if age is None else round(age, 1)
         beat["stale"] = age is None or age > stale_after_s
+        # Its last beat is when it stopped (the reason is the beat's own `reason`).
+        beat["stopped_at"] = beat.get("updated_at") if beat.get("status") == "stopped" else None
         beat["since_progress_s"] = None if progress is None else round(now - progress, 1)
         daemons.append(beat)
     return daemons
@@ -93,10 +97,13 @@ def _daemons(spool: Path, stale_after_s: float, now: float) -> list[dict[str, An
 def _health(daemons: list[dict[str, Any]]) -> int:
     if not daemons:
         return UNKNOWN
-    alive = [d for d in daemons if not d["stale"] and d.get("status") != "stopping"]
+    alive = [d for d in daemons if not d["stale"] and d.get("status") != "stopped"]
     if not alive:
         return DOWN
-    if len(alive) < len(daemons) or any(d.get("status") == "throttled" for d in alive):
+    # Stopping: alive, committing its last chunk, but taking no more work.
+    if len(alive) < len(daemons) or any(
+        d.get("status") in ("throttled", "stopping") for d in alive
+    ):
         return DEGRADED
     gpus = [g for d in alive for g in (d.get("gpu") or [])]
     if any(g.get("healthy") is False for g in gpus) or any(d.get("problems") for d in alive):
@@ -234,11 +241,13 @@ def render(report: Report) -> str:
     if not report.daemons:
         lines.append("  no daemon has ever written a heartbeat here")
     for d in report.daemons:
+        where = f"  daemon {d.get('instance')} pid {d.get('pid')} on {d.get('hostname')}"
+        if d.get("status") == "stopped":
+            line = f"{where}: stopped at {d['stopped_at']} ({_duration(d['age_s'])} ago)"
+            lines.append(line + f": {d.get('reason') or 'no reason recorded'}")
+            continue
         state = "STALE" if d["stale"] else d.get("status")
-        line = (
-            f"  daemon {d.get('instance')} pid {d.get('pid')} on {d.get('hostname')}: {state}, "
-            f"heartbeat {_duration(d['age_s'])} ago"
-        )
+        line = f"{where}: {state}, heartbeat {_duration(d['age_s'])} ago"
         if d.get("reason"):
             line += f" ({d['reason']})"
         if d.get("current_job") and d.get("since_progress_s") is not None:

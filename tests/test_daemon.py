@@ -194,7 +194,7 @@ def test_a_file_dropped_behind_a_running_job_is_queued_and_cancellable_at_once(
 
 
 def test_sigterm_mid_job_exits_0_and_the_job_resumes(tmp_path: Path, daemons: list[Daemon]) -> None:
-    """SIGTERM: finish the chunk, heartbeat `stopping`, exit 0; the next start resumes (C8)."""
+    """SIGTERM: finish the chunk, last heartbeat `stopped`, exit 0; the next start resumes (C8)."""
     cfg = make_config(
         tmp_path,
         processing={"chunk_size": 50},
@@ -212,7 +212,7 @@ def test_sigterm_mid_job_exits_0_and_the_job_resumes(tmp_path: Path, daemons: li
     wait_for(committed, what="a first checkpoint")
     assert d.terminate() == 0
     beat = json.loads((spool / "heartbeats" / "default.json").read_text())
-    assert beat["status"] == "stopping"
+    assert beat["status"] == "stopped" and beat["reason"] == "SIGTERM"
     (job,) = job_dirs(spool, "processing")
     st = state(job)
     assert st["status"] == "queued" and 100 <= st["request_counts"]["completed"] < 1500

@@ -125,7 +125,7 @@ def test_daemon_throttles_while_hot_and_resumes_when_cooled(tmp_path: Path) -> N
     # Cooled: resumed (the job completed above), nothing throttled at the end.
     assert not d.guard.throttled
     final = json.loads(cfg.heartbeat_path.read_text())
-    assert final["status"] == "stopping" and final["reason"] is None
+    assert final["status"] == "stopped" and final["reason"] == "drained"  # not the heat
 
 
 def test_low_disk_holds_admission_until_space_returns(tmp_path: Path) -> None:

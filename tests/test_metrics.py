@@ -35,5 +35,6 @@ def test_metrics_textfile_parses_and_counts(tmp_path: Path) -> None:
     assert samples[("spoold_tokens_generated_total", (inst,))] > 0
     beat = samples[("spoold_heartbeat_timestamp_seconds", (inst,))]
     assert abs(beat - time.time()) < 60
+    assert samples[("spoold_up", (inst,))] == 0  # the drain ended: its last beat is `stopped`
     assert families["spoold_requests_completed"].type == "counter"
     assert not [p for p in prom.parent.iterdir() if p.name.endswith(".prom") and p != prom]

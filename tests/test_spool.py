@@ -154,7 +154,7 @@ def test_heartbeat_thread_keeps_writing(tmp_path: Path) -> None:
     data = json.loads((tmp_path / "default.json").read_text())
     beat.stop()
     assert data["updated_at"] > first and data["status"] == "processing"
-    assert json.loads((tmp_path / "default.json").read_text())["status"] == "stopping"
+    assert json.loads((tmp_path / "default.json").read_text())["status"] == "stopped"
     for key in ("pid", "hostname", "instance", "version", "started_at", "current_job", "gpu"):
         assert key in data
 
