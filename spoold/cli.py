@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -23,7 +24,15 @@ def _load(args: argparse.Namespace) -> Config:
     return cfg
 
 
+def _leave_on_signal(signum: int, _frame: object) -> None:
+    raise SystemExit(0)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    # Until the daemon's own handling is installed (imports, the config, NVML: seconds
+    # with vLLM), a stop is simply an exit 0: nothing on the spool has been touched yet.
+    signal.signal(signal.SIGTERM, _leave_on_signal)
+    signal.signal(signal.SIGINT, _leave_on_signal)
     from spoold.daemon import Daemon
     from spoold.engines import make_engine
     from spoold.logs import setup_logging
