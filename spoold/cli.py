@@ -24,15 +24,18 @@ def _load(args: argparse.Namespace) -> Config:
     return cfg
 
 
-def _leave_on_signal(signum: int, _frame: object) -> None:
-    raise SystemExit(0)
+_early_signal: list[int] = []  # a stop asked for before the daemon could hear it
+
+
+def _remember_signal(signum: int, _frame: object) -> None:
+    _early_signal.append(signum)  # no lock taken: safe inside any handler
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     # Until the daemon's own handling is installed (imports, the config, NVML: seconds
-    # with vLLM), a stop is simply an exit 0: nothing on the spool has been touched yet.
-    signal.signal(signal.SIGTERM, _leave_on_signal)
-    signal.signal(signal.SIGINT, _leave_on_signal)
+    # with vLLM) a stop is remembered, then handed to it: it stops at once, cleanly.
+    signal.signal(signal.SIGTERM, _remember_signal)
+    signal.signal(signal.SIGINT, _remember_signal)
     from spoold.daemon import Daemon
     from spoold.engines import make_engine
     from spoold.logs import setup_logging
@@ -47,6 +50,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     daemon = Daemon(cfg, lambda model: make_engine(cfg.engine, model), gpu_reader=open_nvml())
     daemon.install_signal_handlers()
+    if _early_signal:
+        daemon.request_stop(signal.Signals(_early_signal[0]).name)
     # What the imports made lives as long as the process: out of the cyclic collector's
     # sight, full collections stop walking it (~3% of a fake-engine job's CPU time).
     gc.freeze()

@@ -26,18 +26,23 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _write_synced(fd: int, data: bytes) -> None:
+    """Write all of `data` to `fd`, fsync it, and close it (also when that fails)."""
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_write(path: Path, data: bytes) -> None:
     """Replace `path` with `data`: temp file + fsync + rename + fsync of the directory."""
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}{TMP_SUFFIX}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _write_synced(fd, data)
         os.rename(tmp, path)
     except BaseException:
         # A full disk fails the write or the fsync: the temp goes, or a heartbeat
@@ -121,13 +126,7 @@ def create_exclusive(path: Path, data: bytes) -> bool:
     except FileExistsError:
         return False
     try:
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _write_synced(fd, data)
     except BaseException:
         path.unlink(missing_ok=True)  # an empty one would claim the name for nobody
         raise

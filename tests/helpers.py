@@ -6,8 +6,9 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -119,3 +120,16 @@ def assert_exactly_once(job_dir: Path, expected_ids: Iterable[str]) -> None:
     dupes = {k: v for k, v in counts.items() if v > 1 and k in expected}
     assert not missing, f"{len(missing)} custom_ids missing, e.g. {sorted(missing)[:5]}"
     assert not dupes, f"custom_ids more than once: {dict(list(dupes.items())[:5])}"
+
+
+def wait_for(
+    predicate: Callable[[], Any], timeout: float = 30, what: str = "condition", poll: float = 0.05
+) -> Any:
+    """Until `predicate()` is truthy (returns it); fails after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")

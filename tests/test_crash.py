@@ -22,6 +22,7 @@ import signal
 import subprocess
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -309,6 +310,20 @@ def test_sigkill_many_times_exactly_once(tmp_path: Path) -> None:
 # -- 2. a job that crashes the daemon --------------------------------------------------
 
 
+def _drain_until_clean(
+    cfg: Path, incoming: Path, bad: list[dict[str, Any]], good: list[dict[str, Any]]
+) -> Iterator[subprocess.CompletedProcess[str]]:
+    """Drop `bad` then `good` (claimed, so run, in that order); drain again and again,
+    as a service manager restarts a daemon that died (at most 10 times)."""
+    write_jsonl(incoming / "a_bad.jsonl", bad)
+    write_jsonl(incoming / "b_good.jsonl", good)
+    now = time.time_ns()
+    os.utime(incoming / "a_bad.jsonl", ns=(now - 2_000_000_000, now - 2_000_000_000))
+    os.utime(incoming / "b_good.jsonl", ns=(now - 1_000_000_000, now - 1_000_000_000))
+    for _ in range(10):
+        yield run_spoold("run", "--config", str(cfg), "--drain", timeout=60)
+
+
 def test_a_request_that_kills_the_process_is_isolated_and_dead_lettered(tmp_path: Path) -> None:
     """A request that kills the process (the fake engine's crash_marker: os._exit, as a
     CUDA fault) is isolated across restarts (design §5a): the suspects are bisected,
@@ -323,18 +338,10 @@ def test_a_request_that_kills_the_process_is_isolated_and_dead_lettered(tmp_path
         processing={"max_job_attempts": 3},
     )
     spool = tmp_path / "spool"
-    incoming = spool / "incoming"
     bad = [chat("bad-0"), chat("bad-1", "please CRASH now"), completion("bad-2")]
     good = _requests("good", 30)
-    write_jsonl(incoming / "a_bad.jsonl", bad)
-    write_jsonl(incoming / "b_good.jsonl", good)
-    now = time.time_ns()
-    os.utime(incoming / "a_bad.jsonl", ns=(now - 2_000_000_000, now - 2_000_000_000))
-    os.utime(incoming / "b_good.jsonl", ns=(now - 1_000_000_000, now - 1_000_000_000))
-
     codes: list[int] = []
-    for _ in range(10):
-        proc = run_spoold("run", "--config", str(cfg), "--drain", timeout=60)
+    for proc in _drain_until_clean(cfg, spool / "incoming", bad, good):
         codes.append(proc.returncode)
         if proc.returncode == 0:
             break
@@ -382,18 +389,10 @@ def test_a_model_load_that_kills_the_process_quarantines_its_job(tmp_path: Path)
         processing={"max_job_attempts": limit},
     )
     spool = tmp_path / "spool"
-    incoming = spool / "incoming"
     bad = [chat("big-0", model="huge"), chat("big-1", model="huge")]
     good = _requests("good", 30)
-    write_jsonl(incoming / "a_bad.jsonl", bad)
-    write_jsonl(incoming / "b_good.jsonl", good)
-    now = time.time_ns()
-    os.utime(incoming / "a_bad.jsonl", ns=(now - 2_000_000_000, now - 2_000_000_000))
-    os.utime(incoming / "b_good.jsonl", ns=(now - 1_000_000_000, now - 1_000_000_000))
-
     codes: list[int] = []
-    for _ in range(10):
-        proc = run_spoold("run", "--config", str(cfg), "--drain", timeout=60)
+    for proc in _drain_until_clean(cfg, spool / "incoming", bad, good):
         codes.append(proc.returncode)
         if proc.returncode == 0:
             break

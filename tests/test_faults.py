@@ -33,10 +33,11 @@ from tests.helpers import (
     read_results,
     run_spoold,
     state,
+    wait_for,
     write_jsonl,
 )
 from tests.test_crash import _assert_counts, _ids, _requests, _stage_job_dir
-from tests.test_daemon import Daemon, start, wait_for
+from tests.test_daemon import Daemon, start
 from tests.test_daemon import daemons as daemons
 
 STATUS = str(Path(sys.executable).parent / "spool-status")

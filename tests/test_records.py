@@ -16,7 +16,6 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -44,6 +43,7 @@ from tests.helpers import (
     read_results,
     run_spoold,
     state,
+    wait_for,
     write_jsonl,
 )
 
@@ -410,16 +410,6 @@ def test_drain_exits_1_when_unreadable_jobs_are_left(tmp_path: Path) -> None:
     assert proc.returncode == 1
 
 
-def _wait_for(predicate: Callable[[], Any], timeout: float = 30, what: str = "it") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
 def test_a_live_daemon_goes_on_beside_jobs_whose_records_cannot_be_read(tmp_path: Path) -> None:
     """(b, c) The same with `spoold run`: it keeps taking work, spool-status is degraded
     naming each broken job, SIGTERM stops it cleanly; the broken jobs are untouched."""
@@ -438,10 +428,10 @@ def test_a_live_daemon_goes_on_beside_jobs_whose_records_cannot_be_read(tmp_path
             [*SPOOLD, "run", "--config", str(cfg)], stdout=out, stderr=subprocess.STDOUT, env=_env()
         )
     try:
-        _wait_for(lambda: len(job_dirs(spool, "done")) == 1, what="the first good job")
+        wait_for(lambda: len(job_dirs(spool, "done")) == 1, what="the first good job")
         time.sleep(2.5)  # several rescans and take-over passes over the broken jobs
         write_jsonl(spool / "incoming" / "second.jsonl", [chat("s1"), chat("s2")])
-        _wait_for(lambda: len(job_dirs(spool, "done")) == 2, what="a job dropped later")
+        wait_for(lambda: len(job_dirs(spool, "done")) == 2, what="a job dropped later")
         assert proc.poll() is None, log_path.read_text()
         assert _assert_status_names_them(cfg) == 1  # degraded: alive, with problems
         proc.send_signal(signal.SIGTERM)

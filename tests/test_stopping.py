@@ -13,7 +13,6 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from tests.helpers import (
     make_config,
     run_spoold,
     state,
+    wait_for,
     write_jsonl,
 )
 
@@ -40,16 +40,6 @@ from tests.helpers import (
 # and past stop_timeout_s the stop is an abandon (last beat `stopping`), not `stopped`.
 STOP_TIMEOUT_S = 5.0
 BOUND_S = STOP_TIMEOUT_S + 5  # SPEC §3: stop_timeout_s + 5 s
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 30, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.005)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def read_beat(spool: Path) -> dict[str, Any] | None:
@@ -105,12 +95,13 @@ def signal_one_daemon(
     spool = cfg.parent / "spool"
     proc = spawn(cfg, log)
     try:
-        wait_for(lambda: catches(proc.pid, signal.SIGTERM) or proc.poll() is not None)
+        wait_for(lambda: catches(proc.pid, signal.SIGTERM) or proc.poll() is not None, poll=0.005)
         said: str | None = "before a beat"
         if delay_s is not None:
             wait_for(
                 lambda: (read_beat(spool) or {}).get("pid") == proc.pid,
                 what="the daemon's first heartbeat",
+                poll=0.005,
             )
             time.sleep(delay_s)
             said = (read_beat(spool) or {}).get("status")
@@ -240,7 +231,9 @@ def test_a_clean_stop_leaves_stopped_and_spool_status_says_down(tmp_path: Path) 
     log = tmp_path / "daemon.log"
     proc = spawn(cfg, log)
     try:
-        wait_for(lambda: (read_beat(spool) or {}).get("pid") == proc.pid, what="a heartbeat")
+        wait_for(
+            lambda: (read_beat(spool) or {}).get("pid") == proc.pid, what="a heartbeat", poll=0.005
+        )
         first = read_beat(spool)
         assert first is not None and first["problems"] == [] and first["seq"] >= 1
         live = wait_for(
