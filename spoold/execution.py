@@ -68,6 +68,7 @@ class RunState:
     pending: dict[int, tuple[int, Request]] = field(default_factory=dict)
     done: set[int] = field(default_factory=set)
     since_commit: int = 0
+    unsynced: int = 0  # result bytes appended since the last commit (design §5d)
     halt: str | None = None  # why feeding stopped: "stop", "cancel", "lost", "changed"
     failure: Exception | None = None  # an error of ours (input, results), not the engine's
     tokens: int = 0
@@ -108,6 +109,8 @@ class Execution:
         self.run = RunState(ck.next_line, ck.input_offset, done=set(ck.done_lines))
         self.rejected = set(state.rejected_lines)
         self.reserve = max(cfg.processing.chunk_size // 2, 1)
+        self.chunk_size = cfg.processing.chunk_size
+        self.max_chunk_bytes = cfg.processing.max_chunk_bytes
         self.models_ok: set[object] = set()  # body.model values that resolve to ours
 
     # -- the run -----------------------------------------------------------------
@@ -222,11 +225,19 @@ class Execution:
 
     def _feed(self, only: set[int] | None = None, last: int = 0) -> Iterator[Request]:
         """Hand requests to the engine as it pulls them: the rest of the input (normal
-        mode, `only` None) or exactly the lines in `only` (a group of suspects)."""
+        mode, `only` None) or exactly the lines in `only` (a group of suspects).
+
+        Runs once per request: what can be is looked up once, before the loop."""
         run, state = self.run, self.state
         cap = self.cfg.limits.max_line_bytes
         chunk = self.cfg.processing.chunk_size
         gate = self.hooks.gate if only is None else None
+        should_stop = self.hooks.should_stop
+        pending = run.pending
+        # Lines finished before this feed began; those finished later were handed out
+        # by it, behind where it reads.
+        skip = self.rejected | run.done
+        models_ok = self.models_ok
         handed = 0
         offset = run.next_offset
         try:
@@ -234,18 +245,17 @@ class Execution:
                 start, offset = offset, end
                 if only is not None and line_no > last:
                     return
-                if run.halt is None and self.hooks.should_stop():
+                if run.halt is None and should_stop():
                     run.halt = "stop"
                 if run.halt is None and gate is not None and handed % chunk == 0:
                     run.halt = None if gate() else "stop"  # before each chunk
                 if run.halt is not None:
                     return
-                skip = line_no in run.done or line_no in self.rejected
                 if only is None:
                     run.next_line, run.next_offset = line_no + 1, end
                 elif line_no not in only:
                     continue
-                if skip:
+                if line_no in skip:
                     continue
                 if only is None and line_no > state.fed_through:
                     # Recorded before the line is fed: a crash from here on knows it
@@ -253,54 +263,63 @@ class Execution:
                     state.fed_through = line_no + self.reserve
                     if not self._save_record():
                         return
-                request = self._request(line_no, raw, start)
-                if request is None:
+                try:
+                    request = None if raw is None else read_request(raw, line_no)
+                except (ValueError, KeyError, TypeError) as e:
+                    self._judged_now(line_no, start, None, e)
                     continue
-                run.pending[line_no] = (start, request)
+                if request is None:
+                    if raw is None:
+                        self._judged_now(line_no, start, None, None)
+                    continue  # else blank
+                if request.body.get("model") not in models_ok and not self._our_model(request):
+                    continue
+                pending[line_no] = (start, request)
                 handed += 1
                 yield request
         except Exception as e:
             run.failure = e  # reading the input failed: not the engine's doing
             raise
 
-    def _request(self, line_no: int, raw: bytes | None, start: int) -> Request | None:
-        """The request on a line validation accepted; None for a blank line. A line
-        the current config judges differently (a lower limits.max_line_bytes, an alias
-        that now names another model) becomes an error line with the reason, never
-        nothing (SPEC §3)."""
-        problem: tuple[str, str] | None = None
-        request = None
-        if raw is None:
-            cap = self.cfg.limits.max_line_bytes
-            problem = (
-                "line_too_long",
-                f"line {line_no}: longer than {cap} bytes (limits.max_line_bytes, lowered "
-                "since the job was validated)",
+    def _our_model(self, request: Request) -> bool:
+        """Whether a request's body.model runs on the job's model with the config in
+        force now; if not, it becomes a model_mismatch error line (an alias changed)."""
+        name = request.body.get("model")
+        wanted = self.cfg.engine.resolve_model(name)
+        if wanted == self.engines.model:
+            self.models_ok.add(name)
+            return True
+        self._judged_now(request.line, 0, request, None, wanted)
+        return False
+
+    def _judged_now(
+        self,
+        line_no: int,
+        start: int,
+        request: Request | None,
+        error: Exception | None,
+        model: str | None = None,
+    ) -> None:
+        """A line validation accepted that the config in force now judges differently
+        (a lower limits.max_line_bytes, an alias that now names another model, a line
+        that cannot be read): an error line with the reason, never nothing (SPEC §3)."""
+        if model is not None and request is not None:
+            code = MODEL_MISMATCH
+            message = (
+                f"line {line_no}: body.model {request.body.get('model')!r} runs on "
+                f"{model!r} with the config in force now, but this job runs on "
+                f"{self.engines.model!r}"
             )
+        elif error is not None:
+            code, message = "invalid_request", f"line {line_no}: cannot be read now: {error}"
         else:
-            try:
-                request = read_request(raw, line_no)
-            except (ValueError, KeyError, TypeError) as e:
-                problem = ("invalid_request", f"line {line_no}: cannot be read now: {e}")
-            if request is None and problem is None:
-                return None  # blank
-        if request is not None:
-            name = request.body.get("model")
-            if name not in self.models_ok:
-                wanted = self.cfg.engine.resolve_model(name)
-                if wanted != self.engines.model:
-                    problem = (
-                        MODEL_MISMATCH,
-                        f"line {line_no}: body.model {name!r} runs on {wanted!r} with the "
-                        f"config in force now, but this job runs on {self.engines.model!r}",
-                    )
-                else:
-                    self.models_ok.add(name)
-        if problem is None:
-            return request
+            code = "line_too_long"
+            message = (
+                f"line {line_no}: longer than {self.cfg.limits.max_line_bytes} bytes "
+                "(limits.max_line_bytes, lowered since the job was validated)"
+            )
         custom_id = request.custom_id if request is not None else self._custom_id_at(start)
-        self._error_now(line_no, custom_id, *problem)
-        return None
+        self._error_now(line_no, custom_id, code, message)
 
     def _custom_id_at(self, offset: int) -> str | None:
         """The custom_id of a line too long to read whole: validation saw it, so its
@@ -317,7 +336,9 @@ class Execution:
 
     def _error_now(self, line_no: int, custom_id: str | None, code: str, message: str) -> None:
         """An error line for a line the feed will not hand out (counted as an outcome)."""
-        self.err.append(formats.error_line(self.state.id, line_no, custom_id, code, message))
+        data = formats.error_line(self.state.id, line_no, custom_id, code, message)
+        self.err.append(data)
+        self.run.unsynced += len(data)
         self.run.done.add(line_no)
         self.state.request_counts.failed += 1
         self.run.since_commit += 1
@@ -338,27 +359,24 @@ class Execution:
         run.done.add(line)
         counts = state.request_counts
         if isinstance(outcome, Completion):
-            self.out.append(formats.output_line(state.id, outcome, int(time.time())))
+            data = formats.output_line(state.id, outcome, int(time.time()))
+            self.out.append(data)
             counts.completed += 1
             run.tokens += outcome.completion_tokens
         else:
-            self.err.append(
-                formats.error_line(
-                    state.id,
-                    line,
-                    outcome.request.custom_id,
-                    outcome.code,
-                    outcome.message,
-                    outcome.status,
-                )
+            data = formats.error_line(
+                state.id,
+                line,
+                outcome.request.custom_id,
+                outcome.code,
+                outcome.message,
+                outcome.status,
             )
+            self.err.append(data)
             counts.failed += 1
         run.since_commit += 1
-        processing = self.cfg.processing
-        if (
-            run.since_commit >= processing.chunk_size
-            or self.out.pending_bytes + self.err.pending_bytes >= processing.max_chunk_bytes
-        ):
+        run.unsynced += len(data)
+        if run.since_commit >= self.chunk_size or run.unsynced >= self.max_chunk_bytes:
             self.commit()
         elif self.hooks.on_progress is not None and time.monotonic() >= run.next_report:
             self.report()
@@ -394,7 +412,7 @@ class Execution:
             )
             state.attempts = 0
             save_state(self.job_dir, state)
-        run.since_commit = 0
+        run.since_commit = run.unsynced = 0
         if run.halt is None and self.spool.cancel_requested(self.job_dir):
             run.halt = "cancel"
         if self.hooks.on_progress is not None:

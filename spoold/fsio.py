@@ -204,11 +204,6 @@ class AppendLog:
     def append(self, line: bytes) -> None:
         self.size += self._pending.write(line)
 
-    @property
-    def pending_bytes(self) -> int:
-        """Bytes appended since the last sync (held in memory until then)."""
-        return self._pending.tell()
-
     def _write_out(self) -> None:
         used = self._pending.tell()
         with self._pending.getbuffer() as buffer:
