@@ -24,7 +24,7 @@ import structlog
 from spoold.backoff import Backoff
 from spoold.config import Config, ConfigError
 from spoold.engines.base import Engine, EngineFatal, ModelLoadError
-from spoold.execution import Hooks
+from spoold.execution import Hooks, input_matches
 from spoold.gpu import GpuGuard, GpuReader
 from spoold.heartbeat import Heartbeat, beat_age, read_heartbeat
 from spoold.job import (
@@ -90,6 +90,9 @@ def _spoold_alive(pid: object) -> bool:
 
 MODEL_RETRY_CAP_S = 1800.0
 JOB_RETRY_CAP_S = 300.0  # a job whose run hit an I/O error
+# --drain waits out an I/O error's backoff this many times per job (default config:
+# 5 + 10 + 20 + 40 s), or until max_job_attempts has quarantined a persistent one.
+DRAIN_IO_TRIES = 5
 
 
 class _Engines:
@@ -102,9 +105,10 @@ class _Engines:
     def get(self) -> Engine | None:
         return self.daemon._engine_for(self.model)
 
-    def reload(self) -> Engine:
-        """After an engine death: close what is left and load afresh. A daemon that
-        cannot load its model again exits (the service manager restarts it)."""
+    def reload(self) -> Engine | None:
+        """After an engine death: close what is left and load afresh (None: asked to
+        stop meanwhile). A daemon that cannot load its model again exits (the service
+        manager restarts it)."""
         daemon = self.daemon
         if daemon.engine is not None:
             with contextlib.suppress(Exception):
@@ -112,12 +116,9 @@ class _Engines:
             daemon.engine = None
         log.warning("reloading the engine after its death", model=self.model)
         try:
-            engine = daemon._engine_for(self.model)
+            return daemon._engine_for(self.model)
         except ModelLoadError as e:
             raise EngineFatal(f"the engine died and cannot be reloaded: {e}") from e
-        if engine is None:
-            raise EngineFatal("stopping while the engine was being reloaded")
-        return engine
 
 
 class Daemon:
@@ -157,9 +158,10 @@ class Daemon:
         self.model_loads = Backoff(p.model_retry_s, max(p.model_retry_s, MODEL_RETRY_CAP_S), clock)
         self.job_retries = Backoff(p.io_retry_s, max(p.io_retry_s, JOB_RETRY_CAP_S), clock)
         self.models_failed = 0  # jobs filed as failed because their model never loaded
+        self._drain_io_tries = max(DRAIN_IO_TRIES, p.max_job_attempts + 1)
         # Jobs whose input changed after the claim, settling again (design §5c): job id →
         # (the input's size and mtime, when first seen so).
-        self._resettle: dict[str, tuple[tuple[int, int], float]] = {}
+        self._resettle: dict[str, tuple[tuple[int, int, int], float]] = {}
         self._current_dir: Path | None = None
         self.hooks = Hooks(self.stop_requested.is_set, self._progress, self.gate)
         limits = {k: getattr(cfg.limits, k) for k in vars(cfg.limits)}
@@ -279,6 +281,11 @@ class Daemon:
             if drain and self.models_failed:
                 log.error("jobs failed because their model could not load", jobs=self.models_failed)
                 code = 1
+            if drain and len(self.job_retries):
+                # They kept failing with I/O errors: left queued for the next run.
+                log.error("jobs left in processing/ after repeated I/O errors",
+                          jobs=sorted(job_id for job_id, _ in self.job_retries))  # fmt: skip
+                code = 1
             if drain and self.spool.unreadable:
                 # Not everything claimable was processed: say so to cron and scripts.
                 log.error("jobs left in processing/: their records cannot be read",
@@ -379,7 +386,7 @@ class Daemon:
             any(e.name not in self.settle.changed for e in report.settling)
             or bool(report.waiting)
             or bool(self._resettle)
-            or bool(len(self.job_retries))
+            or any(f.attempts < self._drain_io_tries for _, f in self.job_retries)
         )
 
     # -- admission ------------------------------------------------------------------
@@ -658,10 +665,10 @@ class Daemon:
             st = os.lstat(job_dir / INPUT)
         except OSError:
             return True  # the run reports what is wrong with it
-        now_fp = (st.st_size, st.st_mtime_ns)
-        if state.input_size < 0 or now_fp == (state.input_size, state.input_mtime_ns):
+        if input_matches(st, state):
             self._resettle.pop(state.id, None)
             return True
+        now_fp = (st.st_size, st.st_mtime_ns, st.st_ctime_ns)
         seen = self._resettle.get(state.id)
         now = self.clock()
         if seen is None or seen[0] != now_fp:
@@ -680,8 +687,8 @@ class Daemon:
             now_bytes=st.st_size,
         )
         fresh = load_state(job_dir)
-        restart_from_scratch(job_dir, fresh, *now_fp)
-        state.input_size, state.input_mtime_ns = now_fp
+        restart_from_scratch(job_dir, fresh, st.st_size, st.st_mtime_ns)
+        state.input_size, state.input_mtime_ns, state.input_ctime_ns = *now_fp[:2], 0
         return True
 
     def _finish_cancelled(self, jobs: list[tuple[Path, JobState]]) -> list[tuple[Path, JobState]]:

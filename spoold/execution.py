@@ -44,8 +44,9 @@ class EngineSource(Protocol):
         """The engine, loaded if needed; None when asked to stop meanwhile.
         Raises engines.base.ModelLoadError."""
 
-    def reload(self) -> Engine:
-        """A fresh engine after the last one died. Raises engines.base.EngineFatal."""
+    def reload(self) -> Engine | None:
+        """A fresh engine after the last one died; None when asked to stop while
+        waiting to load it. Raises engines.base.EngineFatal."""
 
 
 @dataclass
@@ -76,12 +77,19 @@ class RunState:
     next_report: float = 0.0
 
 
-def input_changed(f: BinaryIO, state: JobState) -> bool:
-    """Whether the open input differs from what was claimed (design §5c)."""
+def input_matches(st: os.stat_result, state: JobState) -> bool:
+    """Whether an input is as claimed (size, mtime) and, once validated, not written
+    since (ctime: also changed by a rewrite whose mtime was put back) (design §5c)."""
     if state.input_size < 0:  # a record from before the input was fingerprinted
+        return True
+    if (st.st_size, st.st_mtime_ns) != (state.input_size, state.input_mtime_ns):
         return False
-    st = os.fstat(f.fileno())
-    return (st.st_size, st.st_mtime_ns) != (state.input_size, state.input_mtime_ns)
+    return not state.input_ctime_ns or st.st_ctime_ns == state.input_ctime_ns
+
+
+def input_changed(f: BinaryIO, state: JobState) -> bool:
+    """Whether the open input differs from what was claimed and validated."""
+    return not input_matches(os.fstat(f.fileno()), state)
 
 
 class Execution:
@@ -107,6 +115,8 @@ class Execution:
         # What was counted after the checkpoint is being redone: count from it.
         state.request_counts.completed, state.request_counts.failed = ck.completed, ck.failed
         self.run = RunState(ck.next_line, ck.input_offset, done=set(ck.done_lines))
+        isolation.normalize(state.isolation)
+        self.deaths = 0  # engine deaths in this run
         self.rejected = set(state.rejected_lines)
         self.reserve = max(cfg.processing.chunk_size // 2, 1)
         self.chunk_size = cfg.processing.chunk_size
@@ -122,7 +132,7 @@ class Execution:
             group = isolation.first_group(self.state.isolation)
             if not group:
                 self._drive(self._feed())
-                if run.halt is None and self.state.isolation.groups:
+                if run.halt is None and isolation.first_group(self.state.isolation):
                     continue  # the engine died: its requests are suspects now
                 break
             gate = self.hooks.gate
@@ -133,7 +143,12 @@ class Execution:
             self.state.isolation.trying = True
             if not self._save_record():
                 break
-            self._drive(self._feed(set(group), group[-1]))
+            deaths, lines = self.deaths, set(group)
+            self._drive(self._feed(lines, group[-1]))
+            left = isolation.first_group(self.state.isolation)
+            if run.halt is None and self.deaths == deaths and left and set(left) <= lines:
+                # Ran to its end, nobody died: what is left of it was never a request.
+                isolation.resolve_first(self.state.isolation)
             if run.halt is None:
                 self.commit()
         if run.halt not in ("lost", "changed"):
@@ -210,9 +225,14 @@ class Execution:
             suspects=len(held),
             error=str(error),
         )
+        self.deaths += 1
         if culprit is not None:
             self._dead_letter(held[culprit])
-        self.engine = self.engines.reload()
+        engine = self.engines.reload()
+        if engine is None:  # asked to stop while waiting to reload it
+            run.halt = "stop"
+        else:
+            self.engine = engine
         self.commit()  # the narrowed suspects (and a culprit's error line) are durable
 
     def _dead_letter(self, req: Request) -> None:

@@ -21,9 +21,32 @@ def begin(suspects: list[int]) -> Isolation:
     return Isolation(suspects=list(suspects), groups=[n // 2, n - n // 2])
 
 
+def normalize(iso: Isolation) -> None:
+    """Make a record read from disk consistent (a damaged or hand-edited one stops
+    nothing, SPEC §3): line numbers positive, sorted, once each; groups positive and
+    partitioning the suspects, else split afresh."""
+    iso.suspects = sorted({n for n in iso.suspects if n > 0})
+    iso.groups = [g for g in iso.groups if g > 0]
+    if sum(iso.groups) != len(iso.suspects):
+        iso.groups = begin(iso.suspects).groups if iso.suspects else []
+        iso.strikes = 0
+    if not iso.suspects:
+        iso.strikes, iso.trying = 0, False
+
+
 def first_group(iso: Isolation) -> list[int]:
     """The lines to feed next, alone."""
     return iso.suspects[: iso.groups[0]] if iso.groups else []
+
+
+def resolve_first(iso: Isolation) -> None:
+    """The first group ran alone to its end without a death: whatever of it was not
+    answered was never a request (blank, or no line of the input), so none of it is
+    suspect any more."""
+    if iso.groups:
+        del iso.suspects[: iso.groups[0]]
+        iso.groups.pop(0)
+    iso.strikes, iso.trying = 0, False
 
 
 def finished(iso: Isolation, done: set[int]) -> None:

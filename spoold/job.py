@@ -105,6 +105,7 @@ class JobState:
     # The input as claimed (design §5c): a change later means an upload still writing.
     input_size: int = -1
     input_mtime_ns: int = 0
+    input_ctime_ns: int = 0  # recorded by validation: any later write changes it
     # The input as validation saw it (design §5b): its lines, the blank ones among them.
     input_lines: int = -1
     blank_lines: list[int] = field(default_factory=list)

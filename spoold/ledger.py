@@ -174,7 +174,8 @@ def is_blank(raw: bytes, line_no: int) -> bool:
     whitespace included, after a first line's BOM. The common case, a line starting
     with a visible ASCII character, is decided without decoding."""
     head = raw.lstrip()
-    if head and head[0] < 0x80:
+    # str.strip() also takes 0x1C-0x1F (and non-ASCII spaces) for whitespace.
+    if head and 0x20 <= head[0] < 0x80:
         return False
     text = raw.decode("utf-8", "replace")
     if line_no == 1:

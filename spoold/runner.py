@@ -59,6 +59,26 @@ class IOFailure(Exception):
 
 
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+# I/O errors that pass by themselves (a flaky or remounted network filesystem).
+TRANSIENT_ERRNOS = frozenset(
+    {
+        errno.EIO,
+        errno.EACCES,
+        errno.EPERM,
+        errno.ESTALE,
+        errno.ETIMEDOUT,
+        errno.EAGAIN,
+        errno.EBUSY,
+        errno.EINTR,
+        errno.ENOLCK,
+        errno.ENETDOWN,
+        errno.ENETUNREACH,
+        errno.EHOSTDOWN,
+        errno.EHOSTUNREACH,
+        errno.ECONNRESET,
+        errno.ECONNREFUSED,
+    }
+)
 
 
 class JobFailed(Exception):
@@ -127,7 +147,7 @@ def restart_from_scratch(job_dir: Path, state: JobState, size: int, mtime_ns: in
     state.fed_through = 0
     state.isolation = Isolation()
     state.attempts = 0
-    state.input_size, state.input_mtime_ns = size, mtime_ns
+    state.input_size, state.input_mtime_ns, state.input_ctime_ns = size, mtime_ns, 0
     if state.status == RUNNING:
         state.transition(QUEUED)
     save_state(job_dir, state)
@@ -149,6 +169,13 @@ class Runner:
         if not self.spool.still_owner(job_dir):  # taken from us since we acquired it
             jlog.warning("another daemon took this job over before it started")
             return RUNNING
+        if not (job_dir / INPUT).exists():
+            state.error = (
+                f"processing/{state.id}/{INPUT} is missing (removed by hand?): nothing to "
+                "run; the results so far are kept"
+            )
+            cut_to_checkpoint(job_dir, state)
+            return self._finish(job_dir, state, FAILED, jlog)
         if self._narrow(job_dir, state, jlog):
             state.attempts = 0  # narrowing the suspects is progress (design §5a)
         limit = self.cfg.processing.max_job_attempts
@@ -205,8 +232,10 @@ class Runner:
             return QUEUED
         except OSError as e:
             # Nothing past the checkpoint counts, so the chunk (or the validation) is
-            # redone later. Not the job's fault: the attempt is given back.
-            if counted:
+            # redone later. A full disk or a flaky mount is not the job's fault: the
+            # attempt is given back. Other errors (EINVAL, EISDIR…) will not pass by
+            # themselves: the attempt stays counted, and max_job_attempts ends them.
+            if counted and (e.errno in DISK_FULL_ERRNOS or e.errno in TRANSIENT_ERRNOS):
                 with contextlib.suppress(OSError, ValueError):
                     give_back(job_dir)
             if e.errno in DISK_FULL_ERRNOS:
@@ -305,6 +334,9 @@ class Runner:
         counts.total = counts.failed = counts.completed = 0
         rejected: list[int] = []
         with AppendLog(job_dir / ERRORS, 0) as errors, open(job_dir / INPUT, "rb") as f:
+            if input_changed(f, state):
+                raise _InputChanged
+            state.input_ctime_ns = os.fstat(f.fileno()).st_ctime_ns  # frozen from here
             try:
                 shape = Shape()
                 items = scan_input(f, self.cfg.limits.max_line_bytes, job_dir, expected, shape)

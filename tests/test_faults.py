@@ -338,6 +338,40 @@ def test_an_upload_that_stalls_past_settle_is_restarted_once_it_settles(
     assert "the input changed after the claim" in d.log.read_text()
 
 
+def test_an_input_rewritten_in_place_with_its_mtime_put_back_is_noticed(
+    tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    """Same size, mtime restored with os.utime, one answered line changed: the ctime
+    recorded at validation tells (design §5c); the job restarts from the start, and
+    done/ answers the file as it is now, every line exactly once."""
+    fake = {"delay_per_request_s": 0.01, "batch_size": 10}
+    cfg = make_config(
+        tmp_path,
+        watch={"settle_seconds": 0.3},
+        processing={"chunk_size": 20},
+        engine={"fake": fake},
+    )
+    spool = tmp_path / "spool"
+    records = [chat(f"a{i:03d}") for i in range(120)]
+    write_jsonl(spool / "incoming" / "rewritten.jsonl", records)
+    d = start(daemons, cfg)
+    job = _committed(spool, 20)  # line 1 is answered and committed
+    path = job / "input.jsonl"
+    before = path.stat()
+    data = path.read_bytes()
+    changed = data.replace(b'"a000"', b'"X000"', 1)
+    assert len(changed) == len(data)
+    with open(path, "r+b") as f:
+        f.write(changed)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    done = wait_for(lambda: job_dirs(spool, "done"), timeout=60, what="the job to finish")[0]
+    assert d.terminate() == 0
+    final = [chat("X000"), *records[1:]]
+    assert_exactly_once(done, _ids(final))
+    assert "a000" not in {r["custom_id"] for r in read_results(done, "output.jsonl")}
+    assert "the input changed after the claim" in d.log.read_text()
+
+
 # -- memory bounded in bytes -----------------------------------------------------------
 
 
@@ -399,7 +433,7 @@ def test_transient_io_errors_wait_a_backoff_and_burn_no_attempt(tmp_path: Path) 
          *SPOOLD, "run", "--config", str(cfg), "--drain"],
         capture_output=True, text=True, timeout=120, env=_env(),
     )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, proc.stdout[-3000:]
     done = only_job(spool, "done")
     st = _assert_counts(done)
     assert st["request_counts"]["completed"] == 300

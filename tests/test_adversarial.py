@@ -1,8 +1,6 @@
-"""Reviewer's reproductions: faults that break SPEC §3 "Every line accounted for".
-
-Each test here FAILS on the code it was written against (wip-review at main's HEAD);
-its docstring says what SPEC/design promise and what happens instead.
-"""
+"""A reviewer's attempts to break SPEC §3 "Every line accounted for": each test
+failed on the code it was written against (issue 10, before the review's fixes); its
+docstring says what SPEC/design promise and what happened instead."""
 
 from __future__ import annotations
 
@@ -169,7 +167,28 @@ def test_drain_ends_when_a_jobs_input_is_gone_for_good(tmp_path: Path) -> None:
         )  # fmt: skip
     except subprocess.TimeoutExpired:
         pytest.fail("--drain still waiting after 40 s for a job whose input is gone")
-    assert proc.returncode == 1
+    assert proc.returncode == 0  # processed: filed as failed, saying why
+    st = state(only_job(spool, "failed"))
+    assert "input.jsonl is missing" in st["error"], st["error"]
+
+
+def test_drain_ends_when_a_jobs_input_keeps_failing_to_read(tmp_path: Path) -> None:
+    """An I/O error that does not pass (here EINVAL: a checkpoint offset that no seek
+    takes) is not given back: --drain waits the I/O backoff a bounded number of times,
+    then the job is quarantined by processing.max_job_attempts, and the drain ends."""
+    cfg, spool, _ = _staged(tmp_path, 10)
+    job = only_job(spool, "processing")
+    raw = json.loads((job / "state.json").read_text())
+    raw["checkpoint"].update(validated=True, input_offset=-5)
+    (job / "state.json").write_text(json.dumps(raw))
+    make_config(tmp_path, processing={"io_retry_s": 0.2, "max_job_attempts": 2})
+    proc = subprocess.run(
+        [*SPOOLD, "run", "--config", str(cfg), "--drain"],
+        capture_output=True, text=True, timeout=60, env=_env(),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:]
+    st = state(only_job(spool, "failed"))
+    assert "crashed the daemon 2 times" in st["error"], st["error"]
 
 
 def test_a_line_of_ascii_separator_whitespace_near_a_crash_never_wedges_the_job(
