@@ -41,6 +41,22 @@ def _staged(tmp: Path, n: int, **fields: Any) -> tuple[Path, Path, list[dict[str
     return cfg, spool, recs
 
 
+def _drain_or_fail(cfg: Path, spool: Path, timeout: float, what: str) -> int:
+    """One `spoold run --drain`; a drain that does not end fails the test, showing
+    where the job's isolation stands."""
+    proc = subprocess.Popen(
+        [*SPOOLD, "run", "--config", str(cfg), "--drain"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(),
+    )  # fmt: skip
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        st = state(only_job(spool, "processing"))
+        proc.kill()
+        proc.wait()
+        pytest.fail(f"{what} after {timeout} s; isolation now {st['isolation']}")
+
+
 @pytest.mark.parametrize(
     "isolation",
     [
@@ -70,18 +86,7 @@ def test_an_inconsistent_isolation_record_never_wedges_the_daemon(
     to another job. Fault: execution.Execution.go / isolation.finished (nothing
     reconciles `groups` with `suspects`, or a group with lines the input has)."""
     cfg, spool, recs = _staged(tmp_path, 10, isolation=isolation)
-    proc = subprocess.Popen(
-        [*SPOOLD, "run", "--config", str(cfg), "--drain"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(),
-    )  # fmt: skip
-    try:
-        rc = proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        st = state(only_job(spool, "processing"))
-        proc.kill()
-        proc.wait()
-        pytest.fail(f"--drain still running after 15 s; isolation now {st['isolation']}")
-    assert rc == 0
+    assert _drain_or_fail(cfg, spool, 15, "--drain still running") == 0
     done = only_job(spool, "done")
     assert_exactly_once(done, {r["custom_id"] for r in recs})
 
@@ -221,17 +226,7 @@ def test_a_line_of_ascii_separator_whitespace_near_a_crash_never_wedges_the_job(
     while True:
         runs += 1
         assert runs <= 15, "more than 15 runs"
-        proc = subprocess.Popen(
-            [*SPOOLD, "run", "--config", str(cfg), "--drain"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(),
-        )  # fmt: skip
-        try:
-            rc = proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            st = state(only_job(spool, "processing"))
-            proc.kill()
-            proc.wait()
-            pytest.fail(f"run {runs} spins: isolation {st['isolation']}")
+        rc = _drain_or_fail(cfg, spool, 20, f"run {runs} spins")
         if rc == 0:
             break
         assert rc == 70  # the culprit crashed the process

@@ -307,26 +307,32 @@ def test_an_engine_that_dies_in_process_is_reloaded_and_its_culprit_isolated(
 # -- the input is frozen at the claim --------------------------------------------------
 
 
+def _running_slowly(
+    tmp_path: Path, daemons: list[Daemon], name: str, records: list[dict[str, Any]]
+) -> tuple[Daemon, Path]:
+    """A live daemon running `records` slowly; returns once 20 are committed."""
+    fake = {"delay_per_request_s": 0.01, "batch_size": 10}
+    cfg = make_config(
+        tmp_path,
+        watch={"settle_seconds": 0.4},
+        processing={"chunk_size": 20},
+        engine={"fake": fake},
+    )
+    write_jsonl(tmp_path / "spool" / "incoming" / name, records)
+    d = start(daemons, cfg)
+    return d, _committed(tmp_path / "spool", 20)
+
+
 def test_an_upload_that_stalls_past_settle_is_restarted_once_it_settles(
     tmp_path: Path, daemons: list[Daemon]
 ) -> None:
     """An scp that stalls longer than settle_seconds, then writes on: the job claimed
     early commits nothing from the changed file, waits for it to settle, and runs it
     again from the start: every line of the final file answered exactly once."""
-    fake = {"delay_per_request_s": 0.01, "batch_size": 10}
-    cfg = make_config(
-        tmp_path,
-        watch={"settle_seconds": 0.5},
-        processing={"chunk_size": 20},
-        engine={"fake": fake},
-    )
-    spool = tmp_path / "spool"
     part1 = [chat(f"a{i:03d}") for i in range(100)]
     part2 = [chat(f"b{i:03d}") for i in range(60)]
-    path = spool / "incoming" / "stalled.jsonl"
-    write_jsonl(path, part1)
-    d = start(daemons, cfg)
-    job = _committed(spool, 20)  # claimed and running, as the upload stalls
+    d, job = _running_slowly(tmp_path, daemons, "stalled.jsonl", part1)  # upload stalls
+    spool = tmp_path / "spool"
     with open(job / "input.jsonl", "a", encoding="utf-8") as f:  # the scp writes on
         for r in part2:
             f.write(json.dumps(r) + "\n")
@@ -344,18 +350,9 @@ def test_an_input_rewritten_in_place_with_its_mtime_put_back_is_noticed(
     """Same size, mtime restored with os.utime, one answered line changed: the ctime
     recorded at validation tells (design §5c); the job restarts from the start, and
     done/ answers the file as it is now, every line exactly once."""
-    fake = {"delay_per_request_s": 0.01, "batch_size": 10}
-    cfg = make_config(
-        tmp_path,
-        watch={"settle_seconds": 0.3},
-        processing={"chunk_size": 20},
-        engine={"fake": fake},
-    )
-    spool = tmp_path / "spool"
     records = [chat(f"a{i:03d}") for i in range(120)]
-    write_jsonl(spool / "incoming" / "rewritten.jsonl", records)
-    d = start(daemons, cfg)
-    job = _committed(spool, 20)  # line 1 is answered and committed
+    d, job = _running_slowly(tmp_path, daemons, "rewritten.jsonl", records)  # line 1 done
+    spool = tmp_path / "spool"
     path = job / "input.jsonl"
     before = path.stat()
     data = path.read_bytes()
