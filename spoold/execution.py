@@ -8,6 +8,7 @@ its results pass processing.max_chunk_bytes (§5d).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -227,7 +228,7 @@ class Execution:
         )
         self.deaths += 1
         if culprit is not None:
-            self._dead_letter(held[culprit])
+            self._dead_letter(culprit, held.get(culprit) or self._read(culprit))
         engine = self.engines.reload()
         if engine is None:  # asked to stop while waiting to reload it
             run.halt = "stop"
@@ -235,10 +236,26 @@ class Execution:
             self.engine = engine
         self.commit()  # the narrowed suspects (and a culprit's error line) are durable
 
-    def _dead_letter(self, req: Request) -> None:
-        msg = isolation.culprit_message(req.line)
-        log.error("request crashes the engine; dead-lettered", job_id=self.state.id, line=req.line)
-        self.run.pending[req.line] = (0, req)
+    def _read(self, line: int) -> Request | None:
+        """The request on `line` (a culprit the dead engine no longer held)."""
+        cap = self.cfg.limits.max_line_bytes
+        run = self.run
+        for line_no, _, raw in iter_lines(self.input, run.next_offset, run.next_line, cap):
+            if line_no == line and raw is not None:
+                with contextlib.suppress(ValueError, KeyError, TypeError):
+                    request = read_request(raw, line)
+                    if request is not None:
+                        return request
+                break
+        return None  # unreadable now: the error line names the line alone
+
+    def _dead_letter(self, line: int, req: Request | None) -> None:
+        msg = isolation.culprit_message(line)
+        log.error("request crashes the engine; dead-lettered", job_id=self.state.id, line=line)
+        if req is None:
+            self._error_now(line, None, ENGINE_CRASH, msg, 500)
+            return
+        self.run.pending[line] = (0, req)
         self.record(Failure(req, ENGINE_CRASH, msg, status=500))
 
     # -- feeding -----------------------------------------------------------------
@@ -354,9 +371,16 @@ class Execution:
             return None
         return value if isinstance(value, str) else None
 
-    def _error_now(self, line_no: int, custom_id: str | None, code: str, message: str) -> None:
+    def _error_now(
+        self,
+        line_no: int,
+        custom_id: str | None,
+        code: str,
+        message: str,
+        status: int | None = None,
+    ) -> None:
         """An error line for a line the feed will not hand out (counted as an outcome)."""
-        data = formats.error_line(self.state.id, line_no, custom_id, code, message)
+        data = formats.error_line(self.state.id, line_no, custom_id, code, message, status)
         self.err.append(data)
         self.run.unsynced += len(data)
         self.run.done.add(line_no)
