@@ -78,6 +78,19 @@ class RunState:
     next_report: float = 0.0
 
 
+def request_on_line(
+    f: BinaryIO, offset: int, first_line: int, line: int, max_line_bytes: int
+) -> Request | None:
+    """The request on `line` of an input read from `offset` (line `first_line`): a
+    culprit's, to name it in its error line. None if it cannot be read now."""
+    for line_no, _, raw in iter_lines(f, offset, first_line, max_line_bytes):
+        if line_no == line:
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                return read_request(raw, line) if raw is not None else None
+            return None
+    return None
+
+
 def input_matches(st: os.stat_result, state: JobState) -> bool:
     """Whether an input is as claimed (size, mtime) and, once validated, not written
     since (ctime: also changed by a rewrite whose mtime was put back) (design §5c)."""
@@ -228,26 +241,17 @@ class Execution:
         )
         self.deaths += 1
         if culprit is not None:
-            self._dead_letter(culprit, held.get(culprit) or self._read(culprit))
+            run = self.run
+            found = held.get(culprit) or request_on_line(
+                self.input, run.next_offset, run.next_line, culprit, self.cfg.limits.max_line_bytes
+            )
+            self._dead_letter(culprit, found)
         engine = self.engines.reload()
         if engine is None:  # asked to stop while waiting to reload it
             run.halt = "stop"
         else:
             self.engine = engine
         self.commit()  # the narrowed suspects (and a culprit's error line) are durable
-
-    def _read(self, line: int) -> Request | None:
-        """The request on `line` (a culprit the dead engine no longer held)."""
-        cap = self.cfg.limits.max_line_bytes
-        run = self.run
-        for line_no, _, raw in iter_lines(self.input, run.next_offset, run.next_line, cap):
-            if line_no == line and raw is not None:
-                with contextlib.suppress(ValueError, KeyError, TypeError):
-                    request = read_request(raw, line)
-                    if request is not None:
-                        return request
-                break
-        return None  # unreadable now: the error line names the line alone
 
     def _dead_letter(self, line: int, req: Request | None) -> None:
         msg = isolation.culprit_message(line)

@@ -16,7 +16,14 @@ import structlog
 from spoold import formats, isolation, ledger
 from spoold.config import Config
 from spoold.engines.base import ModelLoadError
-from spoold.execution import ENGINE_CRASH, EngineSource, Execution, Hooks, input_changed
+from spoold.execution import (
+    ENGINE_CRASH,
+    EngineSource,
+    Execution,
+    Hooks,
+    input_changed,
+    request_on_line,
+)
 from spoold.fsio import AppendLog
 from spoold.job import (
     CANCELLED,
@@ -42,7 +49,6 @@ from spoold.validate import (
     Shape,
     iter_lines,
     one_model,
-    read_request,
 )
 from spoold.validate import scan_file as scan_input
 
@@ -308,15 +314,10 @@ class Runner:
         """Commit the engine_crash error line of a request that killed the process on
         its own twice (design §5a)."""
         ck = state.checkpoint
-        custom_id = None
         cap = self.cfg.limits.max_line_bytes
         with open(job_dir / INPUT, "rb") as f:
-            for line_no, _, raw in iter_lines(f, ck.input_offset, ck.next_line, cap):
-                if line_no == line:
-                    with contextlib.suppress(ValueError, KeyError, TypeError):
-                        request = read_request(raw, line) if raw is not None else None
-                        custom_id = request.custom_id if request is not None else None
-                    break
+            request = request_on_line(f, ck.input_offset, ck.next_line, line, cap)
+        custom_id = request.custom_id if request is not None else None
         message = isolation.culprit_message(line)
         with AppendLog(job_dir / ERRORS, ck.errors_bytes) as err:
             err.append(formats.error_line(state.id, line, custom_id, ENGINE_CRASH, message, 500))
