@@ -160,7 +160,7 @@ class Daemon:
         self.models_failed = 0  # jobs filed as failed because their model never loaded
         self._drain_io_tries = max(DRAIN_IO_TRIES, p.max_job_attempts + 1)
         # Jobs whose input changed after the claim, settling again (design §5c): job id →
-        # (the input's size and mtime, when first seen so).
+        # (the input's size, mtime and ctime, when first seen so).
         self._resettle: dict[str, tuple[tuple[int, int, int], float]] = {}
         self._current_dir: Path | None = None
         self.hooks = Hooks(self.stop_requested.is_set, self._progress, self.gate)

@@ -2,7 +2,7 @@
 
 Checked before a job is filed as completed (design §5b). Each result line names its
 input line through its `id` (formats: `batch_req_<job hash><line, 8 hex>`), so the
-audit streams the two result files and needs one byte per input line.
+audit streams the two result files and needs two bytes per input line.
 """
 
 from __future__ import annotations
