@@ -417,8 +417,10 @@ class Lease:
             if holder is not None and holder.token == self.token:
                 self.holding = True
                 return True
-            if holder is not None and running_here(holder) and observer.judge(holder) is (
-                Verdict.ALIVE
+            if (
+                holder is not None
+                and running_here(holder)
+                and observer.judge(holder) is Verdict.ALIVE
             ):
                 raise InstanceTaken(
                     f"instance {self.instance!r}: another spoold runs as this instance "
