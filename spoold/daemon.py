@@ -348,12 +348,7 @@ class Daemon:
     def _fenced(self, error: Exception) -> None:
         """A write found our lease directory gone: another daemon judged us dead and took
         our work over. Drop what we held without touching it; a new incarnation goes on."""
-        log.warning(
-            "fenced",
-            token=self.spool.lease.token,
-            job_id=self._current_job,
-            error=str(error),
-        )
+        log.info("a write found the lease directory gone", error=str(error))
         self.spool.lease.fenced = True
 
     def _reincarnate(self) -> bool:
@@ -361,6 +356,12 @@ class Daemon:
         taken again (the engine stays loaded). Raises InstanceTaken if another live daemon
         holds our instance now; False if asked to stop meanwhile."""
         old = self.spool.lease.token
+        log.warning(
+            "fenced",
+            token=old,
+            detail="another daemon judged this one dead and took its work over; going on "
+            "as a new incarnation",
+        )
         self.spool.lease = Lease(
             self.spool.heartbeats, self.cfg.instance, self.cfg.heartbeat.stale_after_s
         )

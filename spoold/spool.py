@@ -28,6 +28,7 @@ from spoold.job import (
     INPUT,
     OUTPUT,
     OWNER,
+    RUNNING,
     STATE,
     TERMINAL,
     JobState,
@@ -471,6 +472,12 @@ class Spool:
                 # Missing or shorter than its checkpoint: left as it is; the run says
                 # so loudly (AppendLog), and the job fails rather than lose a line.
                 log.error("result file not as committed", job_id=state.id, error=str(e))
+        if state.attempts > 0 and state.status == RUNNING:
+            # A stall is not a crash of the job: the old owner's attempt is given back
+            # (its crash evidence is kept: a request that hangs or kills whole hosts is
+            # still isolated, design §5a).
+            state.attempts -= 1
+            self.save(job_dir, state)
 
     def owners_undecided(self) -> list[str]:
         """Unfinished jobs held by an incarnation we have not judged yet either way (its
