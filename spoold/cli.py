@@ -55,7 +55,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     # What the imports made lives as long as the process: out of the cyclic collector's
     # sight, full collections stop walking it (~3% of a fake-engine job's CPU time).
     gc.freeze()
-    return daemon.run(drain=args.drain)
+    from spoold.lease import InstanceTaken
+
+    try:
+        return daemon.run(drain=args.drain)
+    except InstanceTaken as e:  # SPEC §3: one live daemon per instance name
+        print(f"spoold: {e}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 def _load_optional(args: argparse.Namespace) -> Config:

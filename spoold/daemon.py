@@ -10,7 +10,6 @@ import contextlib
 import errno
 import os
 import shutil
-import socket
 import sys
 import threading
 import time
@@ -22,11 +21,12 @@ from typing import Any
 import structlog
 
 from spoold.backoff import Backoff
-from spoold.config import Config, ConfigError
+from spoold.config import Config
 from spoold.engines.base import Engine, EngineFatal, ModelLoadError
 from spoold.execution import Hooks, input_matches
+from spoold.fsio import Fenced
 from spoold.gpu import GpuGuard, GpuReader
-from spoold.heartbeat import Heartbeat, beat_age, read_heartbeat
+from spoold.heartbeat import Heartbeat
 from spoold.job import (
     CANCELLED,
     FAILED,
@@ -38,6 +38,7 @@ from spoold.job import (
     load_state,
     unreadable_problem,
 )
+from spoold.lease import InstanceTaken, Lease
 from spoold.metrics import MetricsWriter
 from spoold.notify import Notifier
 from spoold.runner import (
@@ -70,22 +71,6 @@ class AdmitReport:
 
 
 UNMOVABLE_RETRY_S = 60.0
-
-
-def _spoold_alive(pid: object) -> bool:
-    """Whether `pid` is a live spoold process on this host (a reused pid is not)."""
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # alive, another user's
-    try:
-        return b"spoold" in Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return True  # no /proc to tell: assume it is
 
 
 MODEL_RETRY_CAP_S = 1800.0
@@ -131,7 +116,7 @@ class Daemon:
         disk_free: Callable[[Path], int] | None = None,
     ) -> None:
         self.cfg = cfg
-        self.spool = Spool(cfg.spool_dir, cfg.instance)
+        self.spool = Spool(cfg.spool_dir, cfg.instance, cfg.heartbeat.stale_after_s)
         self.engine_factory = engine_factory
         self.engine: Engine | None = None
         self.clock = clock
@@ -163,10 +148,16 @@ class Daemon:
         # (the input's size, mtime and ctime, when first seen so).
         self._resettle: dict[str, tuple[tuple[int, int, int], float]] = {}
         self._current_dir: Path | None = None
-        self.hooks = Hooks(self.stop_requested.is_set, self._progress, self.gate)
+        self.hooks = Hooks(
+            self.stop_requested.is_set, self._progress, self.gate, refresh=self._refresh_lease
+        )
         limits = {k: getattr(cfg.limits, k) for k in vars(cfg.limits)}
         limits["chunk_size"] = cfg.processing.chunk_size
-        self.heartbeat = Heartbeat(cfg.heartbeat_path, cfg.heartbeat.interval_s, limits)
+        # At least every stale_after_s / 3, so that our lease stays fresh between beats.
+        beat_s = min(cfg.heartbeat.interval_s, cfg.heartbeat.stale_after_s / 3)
+        self.heartbeat = Heartbeat(cfg.heartbeat_path, beat_s, limits)
+        self._lend_lease()
+        self.heartbeat.on_fenced = self.wake.set
         self.guard = GpuGuard(cfg.gpu, gpu_reader)
         self.heartbeat.sampler = lambda: {"gpu": self.guard.sample()}
         self.disk_free = disk_free or (lambda path: shutil.disk_usage(path).free)
@@ -223,18 +214,26 @@ class Daemon:
         # fsync keeps the lock: then the attempt stays counted, and we go anyway.
         job_dir = self._current_dir
         if job_dir is not None and self.hooks.commit_lock.acquire(timeout=2.0):
-            with contextlib.suppress(OSError, ValueError):
+            with contextlib.suppress(OSError, ValueError, Fenced):
                 if self.spool.still_owner(job_dir):
-                    give_back(job_dir)
+                    give_back(self.spool, job_dir)
         with contextlib.suppress(OSError):
             self.heartbeat.stop("stopped", reason=f"{self.stop_reason}; stop timeout")
         os._exit(0)
 
     def run(self, drain: bool = False) -> int:
         """recover → (admit → run one job)* until stopped (or drained). The exit code."""
-        self._check_instance_free()
-        self.spool.recover(self.cfg.heartbeat.stale_after_s)
-        self.heartbeat.start()
+        self.spool.ensure_layout()  # makes our lease directory: before the instance lease
+        try:
+            claimed = self._claim_instance()
+        except InstanceTaken:
+            self._quit_unclaimed()
+            raise
+        if not claimed:  # asked to stop while waiting for the instance
+            self._quit_unclaimed()
+            return 0
+        self.heartbeat.start()  # before recovery, which may take a while
+        self.spool.recover()
         watcher = None
         if not drain:
             watcher = Watcher(
@@ -250,10 +249,15 @@ class Daemon:
         try:
             while not self.stop_requested.is_set():
                 self.notifier.watchdog()
+                if self.spool.lease.fenced and not self._reincarnate():
+                    break
                 self._take_over_dead_peers()
                 report = self.admit()
                 try:
                     ran = self.run_next_job()
+                except Fenced as e:
+                    self._fenced(e)
+                    continue
                 except (DiskFull, OSError) as e:
                     # A full disk in a job's run (DiskFull) or around it (acquire, filing).
                     if isinstance(e, OSError) and e.errno not in DISK_FULL_ERRNOS:
@@ -274,6 +278,9 @@ class Daemon:
         except EngineFatal as e:
             log.error("the engine died; exiting so the service manager restarts us", error=str(e))
             code = 1
+        except InstanceTaken as e:  # fenced, and another daemon holds our instance now
+            log.error("another daemon holds this instance", error=str(e))
+            code = 2
         except DiskFull as e:  # only with --drain: the live loop waits for room instead
             log.error("the spool's disk is full; stopping the drain", error=str(e))
             code = 1
@@ -306,30 +313,72 @@ class Daemon:
             return
         self._next_take_over = now + self.cfg.heartbeat.stale_after_s / 2
         try:
-            self.spool.take_over(self.cfg.heartbeat.stale_after_s)
+            self.spool.take_over()
         except OSError as e:  # a peer moved something meanwhile: next time
             log.warning("cannot repair a dead peer's leftovers yet", error=str(e))
 
-    def _check_instance_free(self) -> None:
-        """One live daemon per instance name: the instance is who owns jobs, staging
-        dirs and the heartbeat file, so two would take each other's work for their
-        own. A previous life of this daemon (same host, its pid gone or not spoold), a
-        heartbeat that says `stopped` (its daemon exited cleanly) or a stale one are
-        fine; one still stopping (finishing its last chunk) is not."""
-        beat = read_heartbeat(self.cfg.heartbeat_path)
-        if beat is None or beat.get("status") == "stopped":
-            return
-        age = beat_age(beat, time.time())
-        if age is None or age > self.cfg.heartbeat.stale_after_s:
-            return
-        pid, host = beat.get("pid"), beat.get("hostname")
-        if host == socket.gethostname() and (pid == os.getpid() or not _spoold_alive(pid)):
-            return
-        raise ConfigError(
-            f"instance {self.cfg.instance!r}: another spoold runs as this instance (pid {pid} "
-            f"on {host}, heartbeat {age:.0f} s old): give each daemon on a spool its own "
-            "instance (config key instance, or --instance)"
+    def _lend_lease(self) -> None:
+        """Our heartbeat carries our incarnation and lands through its lease (design §2)."""
+        lease = self.spool.lease
+        self.heartbeat.set(token=lease.token, host_id=lease.identity()["host_id"])
+        self.heartbeat.writer = lease.beat
+
+    def _claim_instance(self) -> bool:
+        """One live daemon per instance name (design §2, the instance lease); raises
+        InstanceTaken naming the holder. False if asked to stop while waiting."""
+        lease = self.spool.lease
+        log.info("taking the instance lease", instance=lease.instance, token=lease.token)
+        return lease.claim_instance(
+            self.spool.observer,
+            lambda: self.heartbeat.record(status="starting")[0],
+            self.stop_requested.is_set,
         )
+
+    def _quit_unclaimed(self) -> None:
+        """Exit without the instance lease: no heartbeat is ours to write."""
+        self.spool.lease.release()
+        if self._signals is not None:
+            self._signals.close(restore_handlers=False)
+            self._signals = None
+        with self._stop_lock:
+            if self._stop_timer is not None:
+                self._stop_timer.cancel()
+
+    def _fenced(self, error: Exception) -> None:
+        """A write found our lease directory gone: another daemon judged us dead and took
+        our work over. Drop what we held without touching it; a new incarnation goes on."""
+        log.warning(
+            "fenced",
+            token=self.spool.lease.token,
+            job_id=self._current_job,
+            error=str(error),
+        )
+        self.spool.lease.fenced = True
+
+    def _reincarnate(self) -> bool:
+        """Go on as a new incarnation: new token and lease directory, the instance lease
+        taken again (the engine stays loaded). Raises InstanceTaken if another live daemon
+        holds our instance now; False if asked to stop meanwhile."""
+        old = self.spool.lease.token
+        self.spool.lease = Lease(
+            self.spool.heartbeats, self.cfg.instance, self.cfg.heartbeat.stale_after_s
+        )
+        self.spool.lease.ensure_dir()
+        self._lend_lease()
+        if not self._claim_instance():
+            return False
+        log.warning("new incarnation after being fenced", old_token=old)
+        self._resettle.clear()
+        return True
+
+    def _refresh_lease(self) -> None:
+        """A run found our lease not fresh (a pause, a hung write): beat now; raises
+        Fenced if another daemon took our work over meanwhile."""
+        lease = self.spool.lease
+        lease.check()
+        with contextlib.suppress(OSError):
+            self.heartbeat.write()
+        lease.check()
 
     def shutdown(self, code: int = 0) -> None:
         """Close the engine, then write the heartbeat a last time (`stopped`, and why:
@@ -346,8 +395,9 @@ class Daemon:
         finally:
             try:
                 self.heartbeat.stop("stopped", reason=reason)
-            except OSError as e:  # a full disk: the exit is clean all the same
+            except (OSError, Fenced) as e:  # a full disk: the exit is clean all the same
                 log.warning("cannot write the last heartbeat", error=str(e))
+            self.spool.lease.release()
             if self._signals is not None:
                 # The process is on its way out: a late SIGTERM must not kill it (it
                 # exits 0), so the signals keep doing nothing.
@@ -387,6 +437,8 @@ class Daemon:
             or bool(report.waiting)
             or bool(self._resettle)
             or any(f.attempts < self._drain_io_tries for _, f in self.job_retries)
+            # Jobs of peers not judged yet: alive (seen beating) or dead (stale_after_s).
+            or bool(self.spool.owners_undecided())
         )
 
     # -- admission ------------------------------------------------------------------
@@ -432,8 +484,11 @@ class Daemon:
                     total,
                 )
                 continue
-            if load is None:
-                load = self.spool.queue_load()
+            first = load is None
+            # Looked at again before every claim: what other daemons claimed meanwhile
+            # counts, so the limits hold to within one file per daemon (design §2).
+            load = self.spool.queue_load(fresh=first)
+            if first:
                 disk = self._disk_problem()
                 if disk:
                     report.waiting.extend(e.name for e in entries if e.kind is Kind.JOB)
@@ -462,8 +517,6 @@ class Daemon:
             if job_id is not None:
                 log.info("job claimed", job_id=job_id, source=entry.name, requests=total)
                 report.claimed.append(job_id)
-                load.jobs += 1
-                load.requests += total
         return report
 
     def _count(self, entry: Entry) -> tuple[int, int] | None:
@@ -606,7 +659,7 @@ class Daemon:
                 continue
             if not self._input_settled(job_dir, state):
                 continue
-            if not self.spool.acquire(job_dir, self.cfg.heartbeat.stale_after_s):
+            if not self.spool.acquire(job_dir):
                 continue
             self._run_job(job_dir, state, model)
             return True
@@ -636,11 +689,11 @@ class Daemon:
             if model not in given_up or failing is None:
                 left.append((job_dir, state))
                 continue
-            if not self.spool.acquire(job_dir, self.cfg.heartbeat.stale_after_s):
+            if not self.spool.acquire(job_dir):
                 continue
             try:
                 state = load_state(job_dir)  # as owner: the record as last committed
-                cut_to_checkpoint(job_dir, state)
+                cut_to_checkpoint(self.spool, job_dir, state)
                 state.error = (
                     f"model {model!r} could not be loaded ({failing.attempts} attempts, "
                     f"processing.max_model_load_attempts = {limit}): {failing.error}; "
@@ -676,7 +729,7 @@ class Daemon:
             return False
         if now - seen[1] < self.cfg.watch.settle_seconds:
             return False
-        if not self.spool.acquire(job_dir, self.cfg.heartbeat.stale_after_s):
+        if not self.spool.acquire(job_dir):
             return False
         del self._resettle[state.id]
         log.warning(
@@ -687,7 +740,7 @@ class Daemon:
             now_bytes=st.st_size,
         )
         fresh = load_state(job_dir)
-        restart_from_scratch(job_dir, fresh, st.st_size, st.st_mtime_ns)
+        restart_from_scratch(self.spool, job_dir, fresh, st.st_size, st.st_mtime_ns)
         state.input_size, state.input_mtime_ns, state.input_ctime_ns = *now_fp[:2], 0
         return True
 
@@ -703,10 +756,10 @@ class Daemon:
                 or not self.spool.cancel_requested(job_dir)
             ):
                 left.append((job_dir, state))
-            elif self.spool.acquire(job_dir, self.cfg.heartbeat.stale_after_s):
+            elif self.spool.acquire(job_dir):
                 try:
                     state = load_state(job_dir)  # as owner: the record as last committed
-                    cut_to_checkpoint(job_dir, state)  # a paused run's uncommitted tail
+                    cut_to_checkpoint(self.spool, job_dir, state)  # a paused run's tail
                     finish_job(self.spool, job_dir, state, CANCELLED, log.bind(job_id=state.id))
                 except (OSError, ValueError) as e:  # a full disk, a peer first: next pass
                     log.warning("cannot file a cancelled job yet", job_id=state.id, error=str(e))
@@ -781,7 +834,7 @@ class Daemon:
         with structlog.contextvars.bound_contextvars(job_id=state.id):
             try:
                 runner.run(job_dir)
-            except (EngineFatal, DiskFull):
+            except (EngineFatal, DiskFull, Fenced):
                 raise  # the main loop's to handle
             except ModelLoadError:
                 return  # remembered by _engine_for; the job waits for the next try

@@ -25,7 +25,7 @@ from spoold import formats, isolation
 from spoold.config import Config
 from spoold.engines.base import Completion, Engine, EngineDied, Failure, Outcome
 from spoold.fsio import AppendLog
-from spoold.job import Checkpoint, JobState, RequestCounts, save_state
+from spoold.job import Checkpoint, JobState, RequestCounts
 from spoold.spool import Spool
 from spoold.validate import MODEL_MISMATCH, Request, iter_lines, read_request
 
@@ -59,6 +59,8 @@ class Hooks:
     on_progress: ProgressFn | None = None
     gate: Callable[[], bool] | None = None  # blocks while throttled; False: stop
     commit_lock: threading.Lock = field(default_factory=threading.Lock)
+    # Beat now, after a commit found the lease not fresh (raises fsio.Fenced).
+    refresh: Callable[[], None] = lambda: None
 
 
 @dataclass
@@ -71,7 +73,9 @@ class RunState:
     done: set[int] = field(default_factory=set)
     since_commit: int = 0
     unsynced: int = 0  # result bytes appended since the last commit (design §5d)
-    halt: str | None = None  # why feeding stopped: "stop", "cancel", "lost", "changed"
+    # Why feeding stopped: "stop", "cancel", "lost" (taken over), "changed" (the input),
+    # "lapsed" (our lease was not fresh at a commit: design §2).
+    halt: str | None = None
     failure: Exception | None = None  # an error of ours (input, results), not the engine's
     tokens: int = 0
     started: float = field(default_factory=time.monotonic)
@@ -165,7 +169,7 @@ class Execution:
                 isolation.resolve_first(self.state.isolation)
             if run.halt is None:
                 self.commit()
-        if run.halt not in ("lost", "changed"):
+        if run.halt not in ("lost", "changed", "lapsed"):
             self.commit()
         return run
 
@@ -441,6 +445,11 @@ class Execution:
         with self.hooks.commit_lock:
             self.out.sync()
             self.err.sync()
+            # As late as it can be, after the syncs (where a hung mount stalls): commit
+            # only while our lease is fresh. A stall after this is what the fence is for.
+            if not self.spool.lease.fresh():
+                run.halt = "lapsed"
+                return
             low, low_offset = run.next_line, run.next_offset
             if run.pending:
                 first = next(iter(run.pending))
@@ -459,7 +468,7 @@ class Execution:
                 failed=state.request_counts.failed,
             )
             state.attempts = 0
-            save_state(self.job_dir, state)
+            self.spool.save(self.job_dir, state)
         run.since_commit = run.unsynced = 0
         if run.halt is None and self.spool.cancel_requested(self.job_dir):
             run.halt = "cancel"
@@ -472,12 +481,15 @@ class Execution:
         if not self.spool.still_owner(self.job_dir):
             self.run.halt = "lost"
             return False
+        if not self.spool.lease.fresh():
+            self.run.halt = "lapsed"
+            return False
         state, ck = self.state, self.state.checkpoint
         live = state.request_counts  # counted past the checkpoint: not committed yet
         state.request_counts = RequestCounts(live.total, ck.completed, ck.failed)
         try:
             with self.hooks.commit_lock:
-                save_state(self.job_dir, state)
+                self.spool.save(self.job_dir, state)
         finally:
             state.request_counts = live
         return True

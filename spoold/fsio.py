@@ -5,12 +5,13 @@ Every step that must survive a crash is visible here, in order (see docs/design.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import json
 import os
 import secrets
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -37,23 +38,50 @@ def _write_synced(fd: int, data: bytes) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Replace `path` with `data`: temp file + fsync + rename + fsync of the directory."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}{TMP_SUFFIX}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+class Fenced(Exception):
+    """This incarnation's lease directory is gone: another daemon judged it dead and
+    took its claims over (design §2). Nothing it writes lands any more."""
+
+
+def atomic_write(path: Path, data: bytes, via: Path | None = None) -> None:
+    """Replace `path` with `data`: temp file + fsync + rename + fsync of the directory.
+
+    With `via` (a lease directory, design §2 W1) the temp is written there, so the
+    write fails with Fenced once the directory is gone. A rename that reports an error
+    after it happened (a retransmitted NFS RENAME answers ENOENT) is success."""
+    where = via if via is not None else path.parent
+    tmp = where / f".{path.name}.{secrets.token_hex(4)}{TMP_SUFFIX}"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileNotFoundError:
+        if via is not None and not os.path.isdir(via):
+            raise Fenced(f"{via} is gone: another daemon took this one's work over") from None
+        raise
     try:
         _write_synced(fd, data)
         os.rename(tmp, path)
-    except BaseException:
+    except BaseException as e:
+        if isinstance(e, OSError) and _renamed_after_all(tmp, where):
+            fsync_dir(path.parent)
+            return
         # A full disk fails the write or the fsync: the temp goes, or a heartbeat
         # rewritten every beat would leave one per beat.
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if via is not None and not os.path.isdir(via):
+            raise Fenced(f"{via} is gone: another daemon took this one's work over") from e
         raise
     fsync_dir(path.parent)
 
 
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+def _renamed_after_all(tmp: Path, where: Path) -> bool:
+    """After a failed rename of our temp: whether it happened anyway. The temp is ours
+    alone (only a fence removes it, and then its directory is gone too)."""
+    return not os.path.lexists(tmp) and os.path.isdir(where)
+
+
+def atomic_write_json(path: Path, obj: Any, via: Path | None = None) -> None:
+    atomic_write(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode(), via)
 
 
 def read_json(path: Path) -> Any:
@@ -65,11 +93,17 @@ def move(src: Path, dst: Path) -> None:
     """Rename a file or a whole directory, then make both directories durable.
 
     Raises FileNotFoundError when `src` is gone (another daemon moved it first) and
-    FileExistsError rather than replacing an existing `dst`.
+    FileExistsError rather than replacing an existing `dst`. A rename that reports an
+    error although it happened (`src` gone, `dst` there: a retransmitted NFS RENAME
+    answers ENOENT) is success: the caller must never clean up after it.
     """
     if dst.exists() or dst.is_symlink():
         raise FileExistsError(dst)
-    os.rename(src, dst)
+    try:
+        os.rename(src, dst)
+    except OSError:
+        if os.path.lexists(src) or not os.path.lexists(dst):
+            raise
     fsync_dir(dst.parent)
     if src.parent != dst.parent:
         fsync_dir(src.parent)
@@ -135,23 +169,39 @@ def create_exclusive(path: Path, data: bytes) -> bool:
 
 
 def remove(path: Path) -> None:
-    """Remove a file durably (unlink + fsync of its directory); fine if it is gone."""
+    """Remove a file durably (unlink + fsync of its directory); fine if it is gone,
+    also when the unlink said otherwise after it happened."""
     try:
         path.unlink()
     except FileNotFoundError:
         return
+    except OSError:
+        if os.path.lexists(path):
+            raise
+    fsync_dir(path.parent)
+
+
+def remove_dir(path: Path) -> None:
+    """Remove an empty directory durably; fine if it is gone (whatever rmdir said)."""
+    try:
+        path.rmdir()
+    except FileNotFoundError:
+        return
+    except OSError:
+        if os.path.lexists(path):
+            raise
     fsync_dir(path.parent)
 
 
 def remove_tree(path: Path) -> None:
-    """Remove a staging directory we own (a half-done claim). Never follows symlinks."""
+    """Remove a directory tree that is ours alone (a fenced lease directory: design §2).
+    Never follows symlinks; never used on a directory that may hold a submitted file."""
     if path.is_symlink() or not path.is_dir():
-        path.unlink(missing_ok=True)
+        remove(path)
         return
     for child in path.iterdir():
         remove_tree(child)
-    path.rmdir()
-    fsync_dir(path.parent)
+    remove_dir(path)
 
 
 def remove_stray_temps(directory: Path, prefix: str = ".") -> list[Path]:
@@ -174,11 +224,19 @@ class AppendLog:
     (it lost the job to another daemon) can `close()` without writing a byte.
     """
 
-    def __init__(self, path: Path, keep_bytes: int) -> None:
-        """Open `path`, cutting anything after `keep_bytes` (an uncommitted tail)."""
+    def __init__(
+        self, path: Path, keep_bytes: int, check: Callable[[], None] | None = None
+    ) -> None:
+        """Open `path`, cutting anything after `keep_bytes` (an uncommitted tail).
+
+        `check` runs after the open and before the first change (design §2 W2: the
+        fence check, which raises Fenced): a daemon that took the job over meanwhile
+        replaces the file after fencing us, so what we opened is then the old file."""
         self.path = path
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
         try:
+            if check is not None:
+                check()
             size = os.fstat(self._fd).st_size
             if size < keep_bytes:
                 raise RuntimeError(

@@ -5,7 +5,7 @@ Imports nothing heavy: spool-status uses the readers here.
 
 from __future__ import annotations
 
-import contextlib
+import json
 import os
 import socket
 import threading
@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from spoold import __version__, fsio
+from spoold.fsio import Fenced
 from spoold.job import utcnow
 
 STATUSES = (
@@ -71,9 +72,22 @@ class Heartbeat:
     by one at every write, so peers see a beat change on their own clock.
     """
 
-    def __init__(self, path: Path, interval_s: float, limits: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        path: Path,
+        interval_s: float,
+        limits: dict[str, Any],
+        write: Callable[[bytes], None] | None = None,
+    ) -> None:
         self.path = path
         self.interval_s = interval_s
+        # How a beat lands: the daemon's lease (spoold.lease.Lease.beat, through its
+        # lease directory, design §2); by default a plain atomic write.
+        self.writer: Callable[[bytes], None] = write or (
+            lambda data: fsio.atomic_write(self.path, data)
+        )
+        # Called (from the heartbeat's thread) when a beat finds the lease fenced.
+        self.on_fenced: Callable[[], None] | None = None
         now = utcnow()
         self._fields: dict[str, Any] = {
             "pid": os.getpid(),
@@ -113,30 +127,47 @@ class Heartbeat:
         with self._write_lock:
             self._write({})
 
-    def _write(self, final: dict[str, Any]) -> None:
-        """One beat; `final` is set in the same step as the snapshot is taken, so no
-        set() from another thread lands in between."""
+    def record(self, **final: Any) -> tuple[bytes, dict[str, Any]]:
+        """The next beat's bytes (its seq counted) and its fields; `final` is set in
+        the same step as the snapshot is taken, so no set() from another thread lands
+        in between."""
         sampled = self.sampler() if self.sampler is not None else {}
         with self._lock:
             self._fields.update(sampled, **final)
             self._fields["seq"] += 1
             self._fields["updated_at"] = utcnow()
             snapshot = dict(self._fields)
-        fsio.atomic_write_json(self.path, snapshot)
+        return (json.dumps(snapshot, indent=2, sort_keys=True) + "\n").encode(), snapshot
+
+    def _write(self, final: dict[str, Any]) -> None:
+        data, snapshot = self.record(**final)
+        self.writer(data)
         if self.on_beat is not None:
             self.on_beat(snapshot)
 
     def start(self) -> None:
-        with contextlib.suppress(OSError):  # a full disk: the thread's next beat retries
+        try:
             self.write()
+        except OSError:
+            pass  # a full disk: the thread's next beat retries
+        except Fenced:
+            if self.on_fenced is not None:
+                self.on_fenced()
         self._thread = threading.Thread(target=self._loop, name="heartbeat", daemon=True)
         self._thread.start()
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval_s):
             # A full disk must not kill the daemon; the next beat retries.
-            with contextlib.suppress(OSError):
+            try:
                 self.write()
+            except OSError:
+                pass
+            except Fenced:
+                # Another daemon took our work over (design §2): the daemon starts a
+                # new incarnation and gives us its lease; until then beats fail.
+                if self.on_fenced is not None:
+                    self.on_fenced()
 
     def stop(
         self,

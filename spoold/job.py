@@ -11,6 +11,7 @@ import re
 import secrets
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -113,6 +114,8 @@ class JobState:
     fed_through: int = 0
     isolation: Isolation = field(default_factory=Isolation)
     instance: str | None = None
+    # The generation of the owner that wrote this record (design §2: owner.json's).
+    owner_generation: int = 0
     updated_at: str = field(default_factory=utcnow)
 
     def transition(self, status: str) -> None:
@@ -198,10 +201,14 @@ def unreadable_problem(job_id: str, why: str) -> str:
     )
 
 
-def save_state(job_dir: Path, state: JobState) -> None:
-    """Replace state.json atomically (temp + fsync + rename + fsync dir)."""
+def save_state(
+    job_dir: Path, state: JobState, write: Callable[[Path, bytes], None] | None = None
+) -> None:
+    """Replace state.json atomically (temp + fsync + rename + fsync dir); `write` is
+    the owner's (through its lease directory, design §2 W1)."""
     state.updated_at = utcnow()
-    fsio.atomic_write_json(job_dir / STATE, state.to_dict())
+    data = (json.dumps(state.to_dict(), indent=2, sort_keys=True) + "\n").encode()
+    (write or fsio.atomic_write)(job_dir / STATE, data)
 
 
 # -- reading and writing records, generically over their dataclass fields -----------

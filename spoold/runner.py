@@ -24,7 +24,7 @@ from spoold.execution import (
     input_changed,
     request_on_line,
 )
-from spoold.fsio import AppendLog
+from spoold.fsio import AppendLog, Fenced
 from spoold.job import (
     CANCELLED,
     COMPLETED,
@@ -38,7 +38,6 @@ from spoold.job import (
     Isolation,
     JobState,
     load_state,
-    save_state,
     utcnow,
 )
 from spoold.spool import Spool
@@ -114,7 +113,7 @@ def finish_job(
     )
 
 
-def cut_to_checkpoint(job_dir: Path, state: JobState) -> None:
+def cut_to_checkpoint(spool: Spool, job_dir: Path, state: JobState) -> None:
     """Before a job is filed without running on (cancelled, or failed after crashes):
     results past its last checkpoint were never committed, and may end in a torn line.
     Cut them off, and count from the checkpoint."""
@@ -122,13 +121,13 @@ def cut_to_checkpoint(job_dir: Path, state: JobState) -> None:
     for name, keep in ((OUTPUT, ck.output_bytes), (ERRORS, ck.errors_bytes)):
         if (job_dir / name).exists():
             try:
-                AppendLog(job_dir / name, keep).close()
+                AppendLog(job_dir / name, keep, spool.results_check()).close()
             except RuntimeError as e:  # shorter than its checkpoint: leave it as it is
                 log.error("result file shorter than its checkpoint", job_id=state.id, error=str(e))
     state.request_counts.completed, state.request_counts.failed = ck.completed, ck.failed
 
 
-def give_back(job_dir: Path) -> None:
+def give_back(spool: Spool, job_dir: Path) -> None:
     """The run ended for a reason that is not the job's (design §3): the record as
     last committed, its attempt returned and its crash evidence cleared."""
     committed = load_state(job_dir)
@@ -137,15 +136,16 @@ def give_back(job_dir: Path) -> None:
     committed.attempts = max(0, committed.attempts - 1)
     committed.fed_through = 0
     committed.isolation.trying = False
-    save_state(job_dir, committed)
+    spool.save(job_dir, committed)
 
 
-def restart_from_scratch(job_dir: Path, state: JobState, size: int, mtime_ns: int) -> None:
+def restart_from_scratch(
+    spool: Spool, job_dir: Path, state: JobState, size: int, mtime_ns: int
+) -> None:
     """The input changed after the claim and has settled again (design §5c): forget
-    every result and validate and run it afresh, from the new input."""
-    for name in (OUTPUT, ERRORS):
-        if (job_dir / name).exists():
-            AppendLog(job_dir / name, 0).close()
+    every result and validate and run it afresh, from the new input. The record first:
+    committed is then nothing, so cutting the files to 0 never cuts a committed byte
+    (also when a taker fenced us in between: design §2 W2)."""
     state.checkpoint = Checkpoint()
     state.rejected_lines = []
     state.input_lines, state.blank_lines = -1, []
@@ -156,7 +156,10 @@ def restart_from_scratch(job_dir: Path, state: JobState, size: int, mtime_ns: in
     state.input_size, state.input_mtime_ns, state.input_ctime_ns = size, mtime_ns, 0
     if state.status == RUNNING:
         state.transition(QUEUED)
-    save_state(job_dir, state)
+    spool.save(job_dir, state)
+    for name in (OUTPUT, ERRORS):
+        if (job_dir / name).exists():
+            AppendLog(job_dir / name, 0, spool.results_check()).close()
 
 
 class Runner:
@@ -175,12 +178,13 @@ class Runner:
         if not self.spool.still_owner(job_dir):  # taken from us since we acquired it
             jlog.warning("another daemon took this job over before it started")
             return RUNNING
+        self.spool.lease.check()  # state.json as read is all that was committed (§2)
         if not (job_dir / INPUT).exists():
             state.error = (
                 f"processing/{state.id}/{INPUT} is missing (removed by hand?): nothing to "
                 "run; the results so far are kept"
             )
-            cut_to_checkpoint(job_dir, state)
+            cut_to_checkpoint(self.spool, job_dir, state)
             return self._finish(job_dir, state, FAILED, jlog)
         if self._narrow(job_dir, state, jlog):
             state.attempts = 0  # narrowing the suspects is progress (design §5a)
@@ -190,7 +194,7 @@ class Runner:
                 f"the job crashed the daemon {state.attempts} times without progress "
                 f"(processing.max_job_attempts = {limit}); its partial results are kept"
             )
-            cut_to_checkpoint(job_dir, state)
+            cut_to_checkpoint(self.spool, job_dir, state)
             return self._finish(job_dir, state, FAILED, jlog)
         state.attempts += 1
         state.transition(RUNNING)
@@ -199,7 +203,7 @@ class Runner:
         state.model = self.engines.model
         counted = False
         try:
-            save_state(job_dir, state)
+            self.spool.save(job_dir, state)
             counted = True
             jlog.info("job started", attempt=state.attempts, resume=state.checkpoint.validated)
             if not state.checkpoint.validated:
@@ -208,15 +212,17 @@ class Runner:
                 jlog.warning("another daemon took this job over; stopped without running it")
                 return RUNNING
             if self.spool.cancel_requested(job_dir):
-                cut_to_checkpoint(job_dir, state)
+                cut_to_checkpoint(self.spool, job_dir, state)
                 return self._finish(job_dir, state, CANCELLED, jlog)
             engine = self.engines.get()  # after the attempt is counted (design §3, C12)
             if engine is None:  # asked to stop while waiting to load it
-                give_back(job_dir)
+                give_back(self.spool, job_dir)
                 return QUEUED
+            check = self.spool.results_check()
+            ck = state.checkpoint
             with (
-                AppendLog(job_dir / OUTPUT, state.checkpoint.output_bytes) as out,
-                AppendLog(job_dir / ERRORS, state.checkpoint.errors_bytes) as err,
+                AppendLog(job_dir / OUTPUT, ck.output_bytes, check) as out,
+                AppendLog(job_dir / ERRORS, ck.errors_bytes, check) as err,
                 open(job_dir / INPUT, "rb") as f,
             ):
                 execution = Execution(
@@ -232,7 +238,7 @@ class Runner:
         except (ModelLoadError, _InputChanged) as e:
             if isinstance(e, _InputChanged):
                 jlog.warning("the input changed after the claim; the job waits for it to settle")
-            give_back(job_dir)
+            give_back(self.spool, job_dir)
             if isinstance(e, ModelLoadError):
                 raise
             return QUEUED
@@ -242,8 +248,8 @@ class Runner:
             # attempt is given back. Other errors (EINVAL, EISDIR…) will not pass by
             # themselves: the attempt stays counted, and max_job_attempts ends them.
             if counted and (e.errno in DISK_FULL_ERRNOS or e.errno in TRANSIENT_ERRNOS):
-                with contextlib.suppress(OSError, ValueError):
-                    give_back(job_dir)
+                with contextlib.suppress(OSError, ValueError, Fenced):
+                    give_back(self.spool, job_dir)
             if e.errno in DISK_FULL_ERRNOS:
                 jlog.error("disk full; the job will resume from its checkpoint", error=str(e))
                 raise DiskFull(str(e)) from e
@@ -254,12 +260,20 @@ class Runner:
             return RUNNING
         if run.halt == "changed":
             jlog.warning("the input changed after the claim; the job waits for it to settle")
-            give_back(job_dir)
+            give_back(self.spool, job_dir)
+            return QUEUED
+        if run.halt == "lapsed":
+            # Our lease was not fresh at a commit (design §2): nothing was committed.
+            # Beat now (Fenced if we were taken over meanwhile), give the attempt back;
+            # the daemon acquires the job again before going on.
+            jlog.warning("lease not fresh at a commit; the chunk is abandoned and redone")
+            self.hooks.refresh()
+            give_back(self.spool, job_dir)
             return QUEUED
         if run.halt == "cancel":
             return self._finish(job_dir, state, CANCELLED, jlog)
         if run.halt == "stop":
-            give_back(job_dir)  # a clean stop is not a crash
+            give_back(self.spool, job_dir)  # a clean stop is not a crash
             jlog.info("job paused for shutdown", completed=state.request_counts.completed)
             return QUEUED
         return self._finish(job_dir, state, COMPLETED, jlog)
@@ -319,7 +333,7 @@ class Runner:
             request = request_on_line(f, ck.input_offset, ck.next_line, line, cap)
         custom_id = request.custom_id if request is not None else None
         message = isolation.culprit_message(line)
-        with AppendLog(job_dir / ERRORS, ck.errors_bytes) as err:
+        with AppendLog(job_dir / ERRORS, ck.errors_bytes, self.spool.results_check()) as err:
             err.append(formats.error_line(state.id, line, custom_id, ENGINE_CRASH, message, 500))
             err.sync()
             ck.errors_bytes = err.size
@@ -334,13 +348,18 @@ class Runner:
         expected = counts.total
         counts.total = counts.failed = counts.completed = 0
         rejected: list[int] = []
-        with AppendLog(job_dir / ERRORS, 0) as errors, open(job_dir / INPUT, "rb") as f:
+        with (
+            AppendLog(job_dir / ERRORS, 0, self.spool.results_check()) as errors,
+            open(job_dir / INPUT, "rb") as f,
+        ):
             if input_changed(f, state):
                 raise _InputChanged
             state.input_ctime_ns = os.fstat(f.fileno()).st_ctime_ns  # frozen from here
             try:
                 shape = Shape()
-                items = scan_input(f, self.cfg.limits.max_line_bytes, job_dir, expected, shape)
+                # Unique-id buckets go in our lease dir (design §2 W5): a fence removes them.
+                buckets = self.spool.lease.dir
+                items = scan_input(f, self.cfg.limits.max_line_bytes, buckets, expected, shape)
                 resolve = self.cfg.engine.resolve_model
                 for item in one_model(items, resolve, self.engines.model):
                     if isinstance(item, Request):
@@ -377,7 +396,7 @@ class Runner:
             state.checkpoint = Checkpoint(
                 validated=True, errors_bytes=errors.size, failed=counts.failed
             )
-        save_state(job_dir, state)
+        self.spool.save(job_dir, state)
 
     # -- the books (design §5b) ------------------------------------------------------
 

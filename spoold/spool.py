@@ -9,10 +9,9 @@ import contextlib
 import json
 import os
 import secrets
-import socket
 import stat
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -21,7 +20,6 @@ from typing import Any
 import structlog
 
 from spoold import fsio
-from spoold.heartbeat import heartbeat_age
 from spoold.job import (
     CANCEL,
     COMPLETED,
@@ -37,6 +35,7 @@ from spoold.job import (
     new_job_id,
     read_job,
     save_state,
+    utcnow,
 )
 from spoold.layout import (
     DONE,
@@ -50,12 +49,28 @@ from spoold.layout import (
 from spoold.layout import (
     FAILED as FAILED_DIR,
 )
+from spoold.lease import (
+    FENCED_MARK,
+    Holder,
+    Lease,
+    Observer,
+    fence,
+    heartbeat_grave_taker,
+    lease_dir_name,
+    parse_lease_dir,
+    read_raw,
+    read_record,
+    remove_fenced,
+    step_back,
+    take_record,
+)
 
 log = structlog.get_logger("spoold.spool")
 
 CLAIM_PREFIX = ".claim-"
-# owner.json.<taker's instance>.<random>.stale: what a take-over buried (design §2).
+# owner.json.<taker's instance>.<taker's token>.stale: what a take-over buried (design §2).
 GRAVE_PREFIX, GRAVE_SUFFIX = f"{OWNER}.", ".stale"
+RECOVERING = ".recovering-"  # a staging dir renamed by its recoverer before it looks inside
 # The names a job directory uses itself: a rejected entry never takes one of them.
 _JOB_FILES = frozenset({INPUT, STATE, OUTPUT, ERRORS, OWNER, CANCEL})
 REJECT_PREFIX = ".reject-"
@@ -179,9 +194,16 @@ def _instance(owner: dict[str, Any]) -> str | None:
 
 
 class Spool:
-    def __init__(self, root: Path, instance: str = "default") -> None:
+    def __init__(
+        self,
+        root: Path,
+        instance: str = "default",
+        stale_after_s: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.root = root
         self.instance = instance
+        self.stale_after_s = stale_after_s
         self.incoming = root / INCOMING
         self.processing = root / PROCESSING
         self.done = root / DONE
@@ -191,10 +213,31 @@ class Spool:
         # active_jobs(): left where they are, for the daemon to report (heartbeat problems).
         self.unreadable: dict[str, str] = {}
         self._logged_unreadable: dict[str, str] = {}  # what was said, to say it once
+        self.observer = Observer(self.heartbeats, stale_after_s, clock)
+        # This incarnation (design §2). A daemon makes it and takes its instance lease
+        # before anything else; a Spool used by a command or a test makes one here.
+        self.lease = Lease(self.heartbeats, instance, stale_after_s, clock)
+        self._owned: dict[str, tuple[int, bytes]] = {}  # job id -> (generation, owner.json)
+        self._remaining: dict[str, int] = {}  # queue load per job (only shrinks while run)
 
     def ensure_layout(self) -> None:
         for d in (self.incoming, self.processing, self.done, self.failed, self.heartbeats):
             fsio.make_dir(d)
+        self.lease.ensure_dir()
+
+    def save(self, job_dir: Path, state: JobState) -> None:
+        """Write a job's state.json as its owner: through our lease directory (design §2
+        W1: fails with Fenced once another daemon took our work over), recording the
+        generation that wrote it."""
+        owned = self._owned.get(job_dir.name)
+        if owned is not None:
+            state.owner_generation = owned[0]
+        self.lease.ensure_dir()
+        save_state(job_dir, state, write=self.lease.write)
+
+    def results_check(self) -> Callable[[], None]:
+        """The fence check a result file runs between its open and its first change."""
+        return self.lease.check
 
     # -- incoming -----------------------------------------------------------------
 
@@ -232,23 +275,35 @@ class Spool:
         self, base: Path, prefix: str, entry: Entry, target: str, state: JobState
     ) -> str | None:
         """The four steps of design §1 into `base`/<job_id>/. None if another daemon won."""
-        staging = base / f"{prefix}{self.instance}+{state.id}"
+        self.lease.ensure_dir()
+        staging = base / f"{prefix}{self.instance}.{self.lease.token}+{state.id}"
         fsio.make_dir(staging)  # step 1
         save_state(staging, state)  # step 2
         try:
             fsio.move(entry.path, staging / target)  # step 3: the rename is the lock
-        except FileNotFoundError:
-            fsio.remove_tree(staging)
-            return None
-        except OSError:
-            # EXDEV, EACCES, …: the entry is still in incoming/, untouched. But if the
-            # rename happened and only the fsync after it failed, the file is in the
-            # staging dir now: that is C3, left for recovery to finish, never removed.
+        except OSError as e:
+            # Whatever the rename said, look where the file is (design §1): in the
+            # staging dir, it moved (an NFS RENAME that answers ENOENT after succeeding,
+            # or only the fsync after it failed), and the claim goes on.
             if not os.path.lexists(staging / target):
-                fsio.remove_tree(staging)
-            raise
+                self._take_down(staging)
+                if isinstance(e, FileNotFoundError):
+                    return None  # another daemon's rename won
+                raise  # EXDEV, EACCES, …: the entry is still in incoming/, untouched
         fsio.move(staging, base / state.id)  # step 4
         return state.id
+
+    @staticmethod
+    def _take_down(staging: Path) -> None:
+        """Remove a staging dir that holds no submitted file: its state.json and temps,
+        then the directory, never anything else (rmdir fails on anything left, and the
+        dir stays for recovery, which looks inside)."""
+        with contextlib.suppress(FileNotFoundError):
+            for child in staging.iterdir():
+                if child.name == STATE or child.name.endswith(fsio.TMP_SUFFIX):
+                    fsio.remove(child)
+        with contextlib.suppress(OSError):
+            fsio.remove_dir(staging)
 
     # -- processing ---------------------------------------------------------------
 
@@ -284,17 +339,29 @@ class Spool:
             self._logged_unreadable[name] = why
             log.error("job record cannot be read; job left in processing/", job_id=name, error=why)
 
-    def queue_load(self) -> QueueLoad:
-        load = QueueLoad()
-        for _, state in self.active_jobs():
-            if state.status not in TERMINAL:
-                load.jobs += 1
-                load.requests += state.remaining
-        return load
+    def queue_load(self, fresh: bool = True) -> QueueLoad:
+        """Jobs in processing/ and their unfinished requests. `fresh` reads every job's
+        record; otherwise only those of jobs not seen before (a job's remaining requests
+        only shrink while it runs, so an older count is an over-estimate): cheap enough
+        to look again before every claim, so that several daemons keep the limits to
+        within one file each (design §2)."""
+        if fresh:
+            self._remaining = {
+                st.id: st.remaining for _, st in self.active_jobs() if st.status not in TERMINAL
+            }
+        else:
+            names = {d.name for d in self.job_dirs()}
+            self._remaining = {k: v for k, v in self._remaining.items() if k in names}
+            for name in names - self._remaining.keys():
+                found = read_job(self.processing / name)
+                if isinstance(found, JobState) and found.status not in TERMINAL:
+                    self._remaining[name] = found.remaining
+        return QueueLoad(len(self._remaining), sum(self._remaining.values()))
 
     def finish(self, job_dir: Path, state: JobState) -> Path:
-        """Record a terminal state, then move the whole job directory (design §6)."""
-        save_state(job_dir, state)
+        """Record a terminal state, then move the whole job directory (design §6; §2
+        W3: the move only follows a terminal record that landed)."""
+        self.save(job_dir, state)
         target = (self.done if state.status == COMPLETED else self.failed) / job_dir.name
         fsio.move(job_dir, target)
         return target
@@ -308,124 +375,172 @@ class Spool:
 
     # -- ownership (design §2) ----------------------------------------------------
 
-    def _owner_record(self) -> bytes:
+    def _owner_record(self, generation: int) -> bytes:
         return json.dumps(
-            {"instance": self.instance, "hostname": socket.gethostname(), "pid": os.getpid()}
+            {**self.lease.identity(), "generation": generation, "acquired_at": utcnow()}
         ).encode()
 
     def _owner(self, job_dir: Path) -> dict[str, Any]:
         """owner.json's record; empty when missing or unreadable."""
-        try:
-            owner = fsio.read_json(job_dir / OWNER)
-        except (OSError, ValueError, RecursionError):  # RecursionError: nested too deep
-            return {}
-        return owner if isinstance(owner, dict) else {}
+        return read_record(job_dir / OWNER) or {}
 
     def owner_of(self, job_dir: Path) -> str | None:
         return _instance(self._owner(job_dir))
 
-    def instance_is_stale(self, instance: str, stale_after_s: float) -> bool:
-        age = heartbeat_age(self.heartbeats / f"{instance}.json")
-        return age is None or age > stale_after_s
+    def _gone(self, holder: Holder | None, key: str, fingerprint: Any) -> bool:
+        """Whether a record's incarnation lost its claims (dead or stale); an unreadable
+        record (None) is judged by its bytes, unchanged for stale_after_s on our clock."""
+        if holder is None:
+            return self.observer.stale(key, fingerprint)
+        if holder.token == self.lease.token:
+            return True  # ours: a previous run in this incarnation
+        if holder.token is None and holder.instance == self.instance:
+            return True  # a spoold of our instance from before incarnations: our past
+        return self.observer.gone(holder)
 
-    def acquire(self, job_dir: Path, stale_after_s: float) -> bool:
-        """Become the one daemon that runs this job. False if a live peer has it."""
+    def acquire(self, job_dir: Path) -> bool:
+        """Become the one daemon that runs this job (design §2). False if a live peer
+        has it, or our own lease is not fresh (we may be judged stale by now)."""
+        if not self.lease.fresh():
+            return False
         try:
-            return self._acquire(job_dir, stale_after_s)
+            return self._acquire(job_dir)
         except FileNotFoundError:
             return False  # the job moved on meanwhile (finished or cancelled by a peer)
 
-    def _acquire(self, job_dir: Path, stale_after_s: float) -> bool:
+    def _acquire(self, job_dir: Path) -> bool:
         owner_path = job_dir / OWNER
-        if fsio.create_exclusive(owner_path, self._owner_record()):
-            self._remove_graves(job_dir, stale_after_s)  # a taker's that crashed (C10)
+        found = read_job(job_dir)
+        last = found.owner_generation if isinstance(found, JobState) else 0
+        self.lease.ensure_dir()
+        mine = self._owner_record(last + 1)
+        if fsio.create_exclusive(owner_path, mine):  # step 1
+            self._owned[job_dir.name] = (last + 1, mine)
+            self._remove_graves(job_dir)  # of takers that crashed (C10)
             return True
-        judged = self._owner(job_dir)  # one read: what is judged is what must be buried
-        owner = _instance(judged)
-        if owner is None:
-            # Half-written or unreadable owner file: judge it by its age.
-            try:
-                age = time.time() - owner_path.stat().st_mtime
-            except FileNotFoundError:
-                age = stale_after_s + 1
-            if age <= stale_after_s:
-                return False
-        elif owner != self.instance and not self.instance_is_stale(owner, stale_after_s):
+        raw, judged = read_raw(owner_path)  # step 2: one read; what is judged is buried
+        if raw is None:
+            return False  # stepped back meanwhile: next pass
+        holder = Holder.from_record(judged) if judged is not None else None
+        if holder is not None and holder.token == self.lease.token:
+            generation = judged.get("generation") if judged else None
+            gen = generation if isinstance(generation, int) else last + 1
+            self._owned[job_dir.name] = (gen, raw)
+            return True  # ours already
+        if not self._gone(holder, f"owner:{job_dir}", raw):
             return False
-        grave = job_dir / f"{GRAVE_PREFIX}{self.instance}.{secrets.token_hex(3)}{GRAVE_SUFFIX}"
-        try:
-            try:
-                fsio.move(owner_path, grave)
-            except FileNotFoundError:
-                return False  # another daemon took it over first
-            if not fsio.create_exclusive(owner_path, self._owner_record()):
-                return False  # one found no owner.json and created it first
-            try:
-                buried = fsio.read_json(grave)
-            except (OSError, ValueError, RecursionError):
-                buried = {}  # removed by a peer's repair: it judged us stale
-            if buried != judged:
-                # Between our look and our rename another daemon took the job over: we
-                # buried its fresh record. Step back; it finds itself no longer owner at
-                # its next check, and the job is acquired afresh (never by two at once).
-                self._step_back(job_dir)
-                return False
-        finally:
-            # Step 5: the grave has been read; kept, one would pile up per take-over.
-            # A crash before this is repaired by recovery (C10, C11).
-            fsio.remove(grave)
-        self._remove_graves(job_dir, stale_after_s)  # of takers that crashed (C10, C11)
+        if holder is not None:
+            fence(self.heartbeats, holder)  # step 3
+        generation = judged.get("generation") if judged else None
+        gen = max(last, generation if isinstance(generation, int) else 0) + 1
+        mine = self._owner_record(gen)
+        grave = job_dir / f"{GRAVE_PREFIX}{self.instance}.{self.lease.token}{GRAVE_SUFFIX}"
+        if not take_record(owner_path, grave, raw, mine):  # step 4
+            return False
+        self._owned[job_dir.name] = (gen, mine)
+        # Step 5: an old owner that may be alive may write on into the files it holds.
+        secured = holder is None or not holder.provably_dead()
+        if secured:
+            self._secure(job_dir)
+        log.info(
+            "job taken over",
+            job_id=job_dir.name,
+            from_instance=holder.instance if holder else None,
+            from_host=holder.hostname if holder else None,
+            from_pid=holder.pid if holder else None,
+            generation=gen,
+            secured=secured,
+        )
+        self._remove_graves(job_dir)  # step 6: of takers that crashed (C10, C11)
         return True
 
-    def _step_back(self, job_dir: Path) -> None:
-        """Remove owner.json if it is still the record we created, and only then: a
-        taker that judged us stale meanwhile may have put its own there."""
-        owner_path = job_dir / OWNER
-        try:
-            mine = owner_path.read_bytes() == self._owner_record()
-        except FileNotFoundError:
-            return
-        if mine:
-            fsio.remove(owner_path)
+    def _secure(self, job_dir: Path) -> None:
+        """Give the job result files of its own (design §2 step 5): a copy of each
+        one's committed prefix, renamed over it through our lease directory. The old
+        owner's descriptors then point at files nobody reads."""
+        state = read_job(job_dir)  # after the fence: all it committed, nothing later
+        if not isinstance(state, JobState) or state.status in TERMINAL:
+            return  # unreadable: never run; terminal: finished before the fence (C22)
+        ck = state.checkpoint
+        for name, keep in ((OUTPUT, ck.output_bytes), (ERRORS, ck.errors_bytes)):
+            path = job_dir / name
+            try:
+                src = open(path, "rb")  # noqa: SIM115
+            except FileNotFoundError:
+                if keep:
+                    log.error("result file missing", job_id=state.id, file=name, bytes=keep)
+                continue
+            with src:
+                data = src.read(keep)
+            if len(data) < keep:
+                log.error("result file shorter than its checkpoint", job_id=state.id, file=name)
+                continue  # left as it is: the run says so loudly (AppendLog)
+            self.lease.write(path, data)
 
-    def _remove_graves(self, job_dir: Path, stale_after_s: float) -> None:
+    def owners_undecided(self) -> list[str]:
+        """Unfinished jobs held by an incarnation we have not judged yet either way (its
+        heartbeat not seen changing, not stale yet): --drain waits for the verdict, at
+        most stale_after_s, rather than leave a dead peer's job behind."""
+        undecided = []
+        for d, state in self.active_jobs():
+            if state.status in TERMINAL:
+                continue
+            raw, judged = read_raw(d / OWNER)
+            if raw is None:
+                continue
+            holder = Holder.from_record(judged) if judged is not None else None
+            if holder is None:
+                if not self.observer.stale(f"owner:{d}", raw):
+                    undecided.append(d.name)
+            elif holder.token != self.lease.token and self.observer.undecided(holder):
+                undecided.append(d.name)
+        return undecided
+
+    def still_owner(self, job_dir: Path) -> bool:
+        """owner.json names this incarnation (its token)."""
+        return self._owner(job_dir).get("token") == self.lease.token
+
+    def let_go(self, job_dir: Path) -> None:
+        """Remove owner.json if it is still ours (a job we will not run after all)."""
+        owned = self._owned.pop(job_dir.name, None)
+        if owned is not None:
+            step_back(job_dir / OWNER, owned[1])
+
+    def _remove_graves(self, job_dir: Path) -> None:
         """Remove the graves (design §2) left by takers that crashed before removing
-        theirs (C10, C11), whoever owns the job now: a grave is read by its taker
-        only. This instance's (a previous life: this one is never in the middle of a
-        take-over when it calls this) and a stale instance's; a live peer's may be
-        between its rename and its read, and is left alone."""
+        theirs (C10, C11), whoever owns the job now: ours (we are never in the middle
+        of a take-over when we call this) and those of dead or stale incarnations; a
+        live taker's may be between its rename and its read, and is left alone."""
         for entry in job_dir.iterdir():
             name = entry.name
             if not (name.startswith(GRAVE_PREFIX) and name.endswith(GRAVE_SUFFIX)):
                 continue
-            taker = name[len(GRAVE_PREFIX) : -len(GRAVE_SUFFIX)].rpartition(".")[0]
-            if taker == self.instance or self.instance_is_stale(taker, stale_after_s):
+            instance, _, token = name[len(GRAVE_PREFIX) : -len(GRAVE_SUFFIX)].rpartition(".")
+            taker = Holder.from_record({"instance": instance, "token": token})
+            if taker is None or self._gone(taker, "", None):
                 fsio.remove(entry)
-
-    def still_owner(self, job_dir: Path) -> bool:
-        owner = self._owner(job_dir)
-        return owner.get("instance") == self.instance and owner.get("pid") == os.getpid()
 
     # -- recovery (design §7) -----------------------------------------------------
 
-    def recover(self, stale_after_s: float) -> None:
+    def recover(self) -> None:
         """Turn whatever a crash left into a correct state, before any new work."""
         self.ensure_layout()
         for base in (self.processing, self.done, self.failed):
             fsio.remove_stray_temps(base)
         # heartbeats/ is shared: only this instance's own temp files are ours.
         fsio.remove_stray_temps(self.heartbeats, prefix=f".{self.instance}.json.")
-        self.take_over(stale_after_s)
+        self.take_over()
 
-    def _ours_to_repair(self, job_dir: Path, stale_after_s: float) -> bool:
-        """A job whose leftovers we may clean: ours (a previous life at start-up),
-        a stale peer's, or nobody's (queued, never acquired)."""
-        owner = self.owner_of(job_dir)
-        if owner is None:
-            return not (job_dir / OWNER).exists()  # half-written: acquire() judges it
-        return owner == self.instance or self.instance_is_stale(owner, stale_after_s)
+    def _ours_to_repair(self, job_dir: Path) -> bool:
+        """A job whose leftovers we may clean: ours, a dead or stale incarnation's, or
+        nobody's (queued, never acquired)."""
+        raw, judged = read_raw(job_dir / OWNER)
+        if raw is None:
+            return True
+        holder = Holder.from_record(judged) if judged is not None else None
+        return self._gone(holder, f"owner:{job_dir}", raw)
 
-    def take_over(self, stale_after_s: float) -> None:
+    def take_over(self) -> None:
         """Repair what a crashed daemon left: at start-up (our own previous life, and
         stale peers), and while running (peers that died since). Never touches a live
         peer's jobs, staging dirs or temp files. Must not run while this daemon is in
@@ -433,18 +548,57 @@ class Spool:
         # Several daemons may repair the same stale peer's leftovers at once (all the
         # spoold@N of a host start together after a reboot): whatever another one did
         # first (FileNotFoundError, FileExistsError) is simply done.
+        self._fence_orphans()
         for base, prefix in ((self.processing, CLAIM_PREFIX), (self.failed, REJECT_PREFIX)):
             for staging in base.iterdir():
                 if staging.name.startswith(prefix):
                     with contextlib.suppress(FileNotFoundError, FileExistsError):
-                        self._recover_staging(staging, prefix, stale_after_s)
+                        self._recover_staging(staging, prefix)
         for d in self.job_dirs():
             with contextlib.suppress(FileNotFoundError, FileExistsError):
-                self._repair_job(d, stale_after_s)
+                self._repair_job(d)
 
-    def _repair_job(self, d: Path, stale_after_s: float) -> None:
-        self._remove_graves(d, stale_after_s)  # by their taker, also in a live peer's job
-        if not self._ours_to_repair(d, stale_after_s):
+    def _fence_orphans(self) -> None:
+        """Lease dirs and heartbeat graves that no live incarnation will clean up (L1,
+        L2): of other incarnations of our instance (we hold the instance lease now), of
+        dead ones, and those no heartbeat has named for stale_after_s; the trees of
+        fences that crashed halfway."""
+        beats: dict[str, Any] = {}
+        for entry in self.heartbeats.iterdir():
+            name = entry.name
+            with contextlib.suppress(FileNotFoundError):
+                if FENCED_MARK in name and name.startswith("."):
+                    remove_fenced(entry)
+                    continue
+                taker = heartbeat_grave_taker(name)
+                if taker is not None:
+                    instance = name[1:].split(".json.", 1)[0]
+                    if (
+                        taker == self.lease.token
+                        or not (self.heartbeats / lease_dir_name(instance, taker)).is_dir()
+                    ):
+                        fsio.remove(entry)
+                    continue
+                parsed = parse_lease_dir(name)
+                if parsed is None or parsed[1] == self.lease.token:
+                    continue
+                instance, token = parsed
+                holder = Holder(instance, token)
+                if instance == self.instance:
+                    fence(self.heartbeats, holder)
+                    continue
+                if instance not in beats:
+                    beats[instance] = self.observer.beat(instance)
+                beat = beats[instance] or {}
+                if beat.get("token") == token:
+                    if self.observer.gone(Holder.from_record(beat) or holder):
+                        fence(self.heartbeats, holder)
+                elif self.observer.stale(f"orphan:{name}", "unnamed"):
+                    fence(self.heartbeats, holder)
+
+    def _repair_job(self, d: Path) -> None:
+        self._remove_graves(d)  # by their taker, also in a live peer's job
+        if not self._ours_to_repair(d):
             return
         state = read_job(d)
         if state is None:
@@ -455,18 +609,34 @@ class Spool:
         fsio.remove_stray_temps(d)
         if state.status in TERMINAL:  # C9: terminal state written, move not done
             log.info("finishing interrupted move", job_id=state.id, status=state.status)
-            self.finish(d, state)
+            target = (self.done if state.status == COMPLETED else self.failed) / d.name
+            fsio.move(d, target)
 
-    def _recover_staging(self, staging: Path, prefix: str, stale_after_s: float) -> None:
+    def _staging_holder(self, staging: Path, prefix: str) -> tuple[Holder | None, str]:
+        """Whose staging dir this is, and the job id it stages."""
         rest = staging.name[len(prefix) :]
-        owner, _, job_id = rest.partition("+")
-        if owner != self.instance and not self.instance_is_stale(owner, stale_after_s):
-            return  # a live peer is in the middle of its claim
-        if not (staging / "state.json").exists() or not any(
-            p.name != "state.json" and not p.name.startswith(".") for p in staging.iterdir()
+        who, _, job_id = rest.partition("+")
+        job_id = job_id.split(RECOVERING, 1)[0]
+        instance, _, token = who.rpartition(".")
+        if not instance or len(token) != 12:
+            instance, token = who, ""  # a name from before incarnations
+        return Holder.from_record({"instance": instance, "token": token}), job_id
+
+    def _recover_staging(self, staging: Path, prefix: str) -> None:
+        holder, job_id = self._staging_holder(staging, prefix)
+        if RECOVERING not in staging.name:
+            # Ours are leftovers too: take_over never runs in the middle of our claims.
+            if holder is not None and not self._gone(holder, "", None):
+                return  # a live peer is in the middle of its claim
+            # Renamed first, looked into after (design §1): a claimer stalled before its
+            # rename can no longer put the file in; one that did left it inside.
+            grave = staging.with_name(f"{staging.name}{RECOVERING}{secrets.token_hex(3)}")
+            fsio.move(staging, grave)
+            staging = grave
+        if (staging / STATE).exists() and any(
+            p.name != STATE and not p.name.startswith(".") for p in staging.iterdir()
         ):
-            fsio.remove_tree(staging)  # C1/C2: the file is still in incoming/
+            log.info("finishing interrupted claim", job_id=job_id)
+            fsio.move(staging, staging.parent / job_id)  # C3
             return
-        target = staging.parent / job_id
-        log.info("finishing interrupted claim", job_id=job_id)
-        fsio.move(staging, target)  # C3
+        self._take_down(staging)  # C1/C2: the file is still in incoming/

@@ -1,11 +1,23 @@
-"""`spool-status`: is the daemon alive, and how far has every job got?
+"""`spool-status`: is every daemon on the spool alive, and how far has every job got?
 
-Reads files only (heartbeats, state.json); never imports vLLM, torch or NVML, so it
-starts fast. Exit codes follow the monitoring-plugin convention:
+Reads files only (heartbeats, state.json, owner.json); never imports vLLM, torch or
+NVML, so it starts fast. Exit codes follow the monitoring-plugin convention:
 0 healthy, 1 degraded, 2 down (stale heartbeat or stopped), 3 no daemon ever seen.
-A job in processing/ whose record cannot be read is a problem: degraded at least.
-A daemon whose last beat says `stopped` exited cleanly: down at once, not only once its
-heartbeat goes stale. One that says `stopping` is still alive, finishing its chunk.
+Several daemons may share the spool (heartbeats/<instance>.json each): healthy only if
+every one is alive and fine; degraded if some are down beside a live one; down if none
+is alive. A job in processing/ whose record cannot be read is a problem: degraded at
+least. A daemon whose last beat says `stopped` exited cleanly: down at once, not only
+once its heartbeat goes stale. One that says `stopping` is still alive, finishing its
+chunk.
+
+A job's progress comes from the live heartbeat whose `current_job` is that job, whatever
+its instance (fresher than state.json, which moves at commits), else from state.json.
+
+Staleness here is the heartbeat's `updated_at` against this host's wall clock, unlike
+the daemons (SPEC §3), which watch `seq` change on their own monotonic clock: a one-shot
+reader sees one beat and nothing to compare it with. A heartbeat written on a host whose
+clock is off looks younger or older by as much; the human output shows each beat's
+`seq`, so running spool-status twice shows whether a daemon still beats.
 """
 
 from __future__ import annotations
@@ -20,11 +32,24 @@ from pathlib import Path
 from typing import Any
 
 from spoold.config import Config, ConfigError, load_config, resolve_config_path
+from spoold.fsio import read_json
 from spoold.heartbeat import beat_age, parse_time, read_heartbeat
-from spoold.job import ACTIVE, RUNNING, STATE, JobState, Unreadable, read_job, unreadable_problem
+from spoold.job import (
+    ACTIVE,
+    ERRORS,
+    OUTPUT,
+    OWNER,
+    RUNNING,
+    STATE,
+    JobState,
+    Unreadable,
+    read_job,
+    unreadable_problem,
+)
 from spoold.layout import (
     DONE,
     FAILED,
+    HEARTBEATS,
     INCOMING,
     PROCESSING,
     count_waiting,
@@ -73,31 +98,46 @@ def _read_state(job_dir: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def _daemons(spool: Path, stale_after_s: float, now: float) -> list[dict[str, Any]]:
-    daemons = []
+def _daemons(
+    spool: Path, stale_after_s: float, now: float
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """Every heartbeat (sorted by instance), with what spool-status judges of it; and the
+    names of heartbeat files that cannot be read."""
+    daemons, unreadable = [], []
     try:
-        paths = sorted((spool / "heartbeats").glob("*.json"))
+        paths = sorted((spool / HEARTBEATS).glob("*.json"))
     except OSError:
         paths = []
     for path in paths:
-        beat = read_heartbeat(path)
+        # Beats are replaced by rename: on NFS, a read racing one can fail once (ESTALE).
+        beat = read_heartbeat(path) or read_heartbeat(path)
         if beat is None:
+            if path.exists():  # not a peer retired meanwhile
+                unreadable.append(path.name)
             continue
+        if not isinstance(beat.get("instance"), str):
+            beat["instance"] = path.stem
+        for key in ("pid", "hostname", "status", "reason", "seq", "current_job"):
+            beat.setdefault(key, None)
+        beat.setdefault("problems", [])
         age = beat_age(beat, now)
         progress = parse_time(beat.get("last_progress_at"))
         beat["age_s"] = None if age is None else round(age, 1)
         beat["stale"] = age is None or age > stale_after_s
+        beat["alive"] = not beat["stale"] and beat["status"] != "stopped"
+        beat["label"] = f"{beat['instance']}@{beat['hostname']}"
         # Its last beat is when it stopped (the reason is the beat's own `reason`).
-        beat["stopped_at"] = beat.get("updated_at") if beat.get("status") == "stopped" else None
+        beat["stopped_at"] = beat.get("updated_at") if beat["status"] == "stopped" else None
         beat["since_progress_s"] = None if progress is None else round(now - progress, 1)
         daemons.append(beat)
-    return daemons
+    daemons.sort(key=lambda d: d["instance"])
+    return daemons, unreadable
 
 
 def _health(daemons: list[dict[str, Any]]) -> int:
     if not daemons:
         return UNKNOWN
-    alive = [d for d in daemons if not d["stale"] and d.get("status") != "stopped"]
+    alive = [d for d in daemons if d["alive"]]
     if not alive:
         return DOWN
     # Stopping: alive, committing its last chunk, but taking no more work.
@@ -115,34 +155,94 @@ def _int(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
-def _job_view(state: dict[str, Any], daemons: list[dict[str, Any]], now: float) -> dict[str, Any]:
+def _current(daemon: dict[str, Any]) -> dict[str, Any] | None:
+    """The job a heartbeat says its daemon runs ({id, completed, failed, total, …})."""
+    current = daemon.get("current_job")
+    return current if isinstance(current, dict) and isinstance(current.get("id"), str) else None
+
+
+def _runner(job_id: Any, daemons: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The live daemon whose heartbeat says it runs `job_id` (the freshest, if two do)."""
+    running = [d for d in daemons if d["alive"] and (_current(d) or {}).get("id") == job_id]
+    return min(running, key=lambda d: d["age_s"] or 0.0, default=None)
+
+
+def _read_owner(job_dir: Path) -> dict[str, Any] | None:
+    """owner.json's record (instance, hostname, pid…), or None when there is none."""
+    try:
+        owner = read_json(job_dir / OWNER)
+    except (OSError, ValueError, RecursionError):
+        return None
+    return owner if isinstance(owner, dict) else None
+
+
+def _owner_view(
+    owner: dict[str, Any] | None, daemons: list[dict[str, Any]]
+) -> dict[str, Any] | None:
+    """Who holds a job by owner.json, and how its heartbeat looks (alive, stale, …)."""
+    if owner is None:
+        return None
+    view = {k: owner.get(k) for k in ("instance", "hostname", "pid")}
+    beat = next((d for d in daemons if d["instance"] == view["instance"]), None)
+    if beat is None:
+        view["daemon"] = "no heartbeat"
+    elif view["pid"] is not None and (beat["hostname"], beat["pid"]) != (
+        view["hostname"],
+        view["pid"],
+    ):
+        view["daemon"] = "gone"  # its instance runs again, as another process
+    else:
+        view["daemon"] = "alive" if beat["alive"] else "stopped" if beat["stopped_at"] else "STALE"
+    return view
+
+
+def _job_view(
+    state: dict[str, Any],
+    daemons: list[dict[str, Any]],
+    now: float,
+    owner: dict[str, Any] | None = None,
+    waits: bool = False,
+) -> dict[str, Any]:
+    """A job's progress: live from the heartbeat of the daemon that runs it, whatever
+    its instance, else state.json's. `waits`: the job is in processing/, so no live
+    runner means it waits for a daemon (`owner`: its owner.json, if any)."""
     counts = state.get("request_counts") or {}
-    total = int(counts.get("total") or 0)
-    finished = int(counts.get("completed") or 0) + int(counts.get("failed") or 0)
+    completed, failed = _int(counts.get("completed")), _int(counts.get("failed"))
+    total = _int(counts.get("total"))
+    runner = _runner(state.get("id"), daemons)
+    current = _current(runner) if runner is not None else None
     view: dict[str, Any] = {
         "id": state.get("id"),
         "source_name": state.get("source_name"),
         "status": state.get("status"),
         "model": state.get("model"),
         "request_counts": counts,
-        "done": finished,
-        "total": total,
+        "progress_from": "state.json",
+        "daemon": None,  # the runner's instance
+        "runner": None,
+        "waiting_for_daemon": waits and runner is None,
+        "owner": _owner_view(owner, daemons),
         "requests_per_s": None,
         "tokens_per_s": None,
         "eta_s": None,
     }
-    for d in daemons:
-        current = d.get("current_job") or {}
-        if current.get("id") == state.get("id") and not d["stale"]:
-            view["tokens_per_s"] = current.get("tokens_per_s")
-            view["daemon"] = d.get("instance")
-            # state.json counts move at commits (every chunk_size requests); the running
-            # daemon's heartbeat says how far it has got since, about once a second.
-            live = _int(current.get("completed")) + _int(current.get("failed"))
-            if live > finished:
-                finished = view["done"] = live
+    if runner is not None and current is not None:
+        view["daemon"] = runner["instance"]
+        view["runner"] = {k: runner[k] for k in ("instance", "hostname", "pid", "status", "label")}
+        view["tokens_per_s"] = current.get("tokens_per_s")
+        # state.json counts move at commits (every chunk_size requests); the running
+        # daemon's heartbeat says how far it has got since, about once a second. Right
+        # after a commit the beat may lag state.json: the further one is the fresher.
+        live_completed, live_failed = _int(current.get("completed")), _int(current.get("failed"))
+        if live_completed + live_failed >= completed + failed:
+            completed, failed = live_completed, live_failed
+            total = _int(current.get("total")) or total
+            view["progress_from"] = "heartbeat"
+    finished = completed + failed
+    view.update(completed=completed, failed=failed, done=finished, total=total)
     started = parse_time(state.get("started_at"))
-    if state.get("status") == RUNNING and started and finished and now > started:
+    # A rate only while a live daemon runs it: a dead runner's job is not moving.
+    if runner is not None and started and finished and now > started:
         rate = finished / (now - started)
         view["requests_per_s"] = round(rate, 2)
         view["eta_s"] = round(max(0, total - finished) / rate) if rate > 0 else None
@@ -152,8 +252,13 @@ def _job_view(state: dict[str, Any], daemons: list[dict[str, Any]], now: float) 
 def build_report(spool: Path, stale_after_s: float, now: float | None = None) -> Report:
     now = time.time() if now is None else now
     report = Report(spool=str(spool), now=now)
-    report.daemons = _daemons(spool, stale_after_s, now)
+    report.daemons, unreadable_beats = _daemons(spool, stale_after_s, now)
     report.exit_code = _health(report.daemons)
+    report.problems.extend(
+        f"{spool}/{HEARTBEATS}/{name} cannot be read (not a JSON object): "
+        "a daemon not shown; repair or remove the file"
+        for name in unreadable_beats
+    )
     waiting = count_waiting(spool / INCOMING)
     if not (spool / INCOMING).is_dir():
         report.problems.append(f"{spool}/incoming does not exist: is this a spool?")
@@ -167,7 +272,7 @@ def build_report(spool: Path, stale_after_s: float, now: float | None = None) ->
         if found is None or found.status not in ACTIVE:  # None: moved on meanwhile
             continue
         state = found.to_dict()
-        view = _job_view(state, report.daemons, now)
+        view = _job_view(state, report.daemons, now, _read_owner(Path(d.path)), waits=True)
         report.jobs.append(view)
         left += max(0, view["total"] - view["done"])
         if state.get("status") == RUNNING:
@@ -202,7 +307,7 @@ def build_report(spool: Path, stale_after_s: float, now: float | None = None) ->
             for problem in beat.get("problems") or []
             if isinstance(problem, str) and problem not in seen
         )
-    if report.unreadable:
+    if report.unreadable or unreadable_beats:
         report.exit_code = max(report.exit_code, DEGRADED)
     return report
 
@@ -236,23 +341,68 @@ def _bar(done: int, total: int, width: int = 24) -> str:
     return "[" + "#" * filled + "." * (width - filled) + f"] {frac * 100:5.1f}%"
 
 
+def _daemon_line(d: dict[str, Any]) -> str:
+    """One daemon: who, where, its state (and why), its beat's age and seq, its job."""
+    where = f"  daemon {d['instance']} pid {d['pid']} on {d['hostname']}"
+    beat = f"heartbeat {_duration(d['age_s'])} ago (seq {d['seq']})"
+    if d.get("status") == "stopped":
+        line = f"{where}: stopped at {d['stopped_at']}, {beat}"
+        line += f": {d.get('reason') or 'no reason recorded'}"
+    else:
+        state = f"STALE (last {d.get('status')})" if d["stale"] else d.get("status")
+        line = f"{where}: {state}"
+        if d.get("reason"):
+            line += f" ({d['reason']})"
+        line += f", {beat}"
+        if d.get("current_job") and d.get("since_progress_s") is not None:
+            line += f", last progress {_duration(d['since_progress_s'])} ago"
+    current = _current(d)
+    if current is not None:
+        done = _int(current.get("completed")) + _int(current.get("failed"))
+        line += f", job {current['id']} {done}/{_int(current.get('total'))}"
+        if current.get("tokens_per_s") is not None:
+            line += f" at {current['tokens_per_s']} tok/s"
+    problems = [p for p in d.get("problems") or [] if isinstance(p, str)]
+    if problems:
+        line += f", {len(problems)} problem{'s' if len(problems) > 1 else ''} (below)"
+    return line
+
+
+def _rate(view: dict[str, Any]) -> str:
+    rate = f"{view['requests_per_s']} req/s" if view["requests_per_s"] is not None else "-"
+    if view["tokens_per_s"] is not None:
+        rate += f", {view['tokens_per_s']} tok/s"
+    return rate
+
+
+def _source(view: dict[str, Any]) -> str:
+    """Where a job's counts come from: its runner's heartbeat or state.json."""
+    if view["progress_from"] == "heartbeat":
+        return f"{view['daemon']}'s heartbeat"
+    return "state.json"
+
+
+def _runs_on(view: dict[str, Any]) -> str:
+    """Which daemon runs a job, or that it waits for one (and who holds it)."""
+    if view["runner"] is not None:
+        return f"on {view['runner']['label']}"
+    if not view["waiting_for_daemon"]:
+        return ""
+    owner = view["owner"]
+    if owner is None:
+        return "waiting for a daemon"
+    return (
+        f"waiting for a daemon; held by {owner['instance']}@{owner['hostname']} "
+        f"pid {owner['pid']} ({owner['daemon']})"
+    )
+
+
 def render(report: Report) -> str:
     lines = [f"spoold at {report.spool}: {HEALTH_WORDS[report.exit_code].upper()}"]
     if not report.daemons:
         lines.append("  no daemon has ever written a heartbeat here")
     for d in report.daemons:
-        where = f"  daemon {d.get('instance')} pid {d.get('pid')} on {d.get('hostname')}"
-        if d.get("status") == "stopped":
-            line = f"{where}: stopped at {d['stopped_at']} ({_duration(d['age_s'])} ago)"
-            lines.append(line + f": {d.get('reason') or 'no reason recorded'}")
-            continue
-        state = "STALE" if d["stale"] else d.get("status")
-        line = f"{where}: {state}, heartbeat {_duration(d['age_s'])} ago"
-        if d.get("reason"):
-            line += f" ({d['reason']})"
-        if d.get("current_job") and d.get("since_progress_s") is not None:
-            line += f", last progress {_duration(d['since_progress_s'])} ago"
-        lines.append(line)
+        lines.append(_daemon_line(d))
         for g in d.get("gpu") or []:
             lines.append(
                 f"    gpu {g.get('index')}: {g.get('memory_percent')}% memory, "
@@ -264,12 +414,9 @@ def render(report: Report) -> str:
         f"{q['done']} done, {q['failed']} failed; {q['requests_left']} requests left"
     )
     for j in report.jobs:
-        rate = f"{j['requests_per_s']} req/s" if j["requests_per_s"] is not None else "-"
-        if j["tokens_per_s"] is not None:
-            rate += f", {j['tokens_per_s']} tok/s"
         lines.append(
             f"  {j['id']} {j['status']:8} {_bar(j['done'], j['total'])} "
-            f"{j['done']}/{j['total']}  {rate}  ETA {_duration(j['eta_s'])}"
+            f"{j['done']}/{j['total']}  {_rate(j)}  ETA {_duration(j['eta_s'])}  {_runs_on(j)}"
         )
     if report.recent_failures:
         lines.append("recent failures:")
@@ -281,18 +428,26 @@ def render(report: Report) -> str:
     return "\n".join(lines)
 
 
-def render_job(where: str, state: dict[str, Any]) -> str:
+def render_job(where: str, state: dict[str, Any], view: dict[str, Any], job_dir: Path) -> str:
     c = state.get("request_counts") or {}
     lines = [
         f"job {state.get('id')} ({where}/): {state.get('status')}",
         f"  file: {state.get('source_name')}   model: {state.get('model')}",
         f"  requests: {c.get('total')} total, {c.get('completed')} completed, "
-        f"{c.get('failed')} failed",
+        f"{c.get('failed')} failed (state.json)",
         f"  created {state.get('created_at')}  started {state.get('started_at')}  "
         f"finished {state.get('finished_at')}",
     ]
+    if view["runner"] is not None or view["waiting_for_daemon"]:
+        lines.append(
+            f"  progress: {view['done']}/{view['total']} ({view['completed']} completed, "
+            f"{view['failed']} failed, from {_source(view)}), {_rate(view)}, "
+            f"ETA {_duration(view['eta_s'])}, {_runs_on(view)}"
+        )
     if state.get("error"):
         lines.append(f"  error: {state['error']}")
+    results = [str(job_dir / name) for name in (OUTPUT, ERRORS) if (job_dir / name).exists()]
+    lines.append(f"  results: {', '.join(results) or 'none yet'}")
     return "\n".join(lines)
 
 
@@ -336,11 +491,14 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 print(problem)
             return max(report.exit_code, DEGRADED)
+        job_dir = cfg.spool_dir / where_ / args.job_id
+        in_processing = where_ == PROCESSING
+        owner = _read_owner(job_dir) if in_processing else None
+        view = _job_view(state, report.daemons, report.now, owner, waits=in_processing)
         if args.json:
-            view = _job_view(state, report.daemons, report.now)
             print(json.dumps({"where": where_, "state": state, "progress": view}, indent=2))
         else:
-            print(render_job(where_, state))
+            print(render_job(where_, state, view, job_dir))
         return report.exit_code
     print(json.dumps(report.to_dict(), indent=2) if args.json else render(report))
     return report.exit_code

@@ -3,6 +3,9 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.faultshim import faketime as faketime
+from tests.faultshim import faultshim as faultshim
+
 
 @pytest.fixture(autouse=True)
 def no_leaked_threads() -> Iterator[None]:

@@ -6,6 +6,7 @@ Real processes, real SIGKILLs, a real full filesystem (a small tmpfs filled up).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
 import os
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from spoold.fsio import Fenced
 from spoold.job import new_job_id
 from spoold.spool import Spool
 from spoold.unique import IN_MEMORY, UniqueIds
@@ -152,25 +154,31 @@ def test_recovery_removes_graves_of_an_interrupted_take_over_c10_c11(tmp_path: P
 def test_take_overs_leave_no_grave(tmp_path: Path) -> None:
     """Design §2 step 5: every take-over (of our own job, of a stale peer's, one lost to
     a daemon that created owner.json first) removes the grave it made."""
-    a, b = Spool(tmp_path, "a"), Spool(tmp_path, "b")
+    # stale_after_s 0: each judges the others stale at first sight.
+    a, b = Spool(tmp_path, "a", stale_after_s=0), Spool(tmp_path, "b", stale_after_s=0)
     a.ensure_layout()
     job = a.processing / "j-20260101T000000-abcdef"
     job.mkdir()
     (job / "owner.json").write_text(json.dumps({"instance": "p", "hostname": "h", "pid": 1}))
-    for _ in range(5):  # p, then a and b, have no heartbeat: each is stale to the other
-        assert a.acquire(job, stale_after_s=60) and a.still_owner(job)
-        assert b.acquire(job, stale_after_s=60) and b.still_owner(job)
+    for _ in range(5):  # each takes it from the other: whoever is taken over is fenced
+        assert a.acquire(job) and a.still_owner(job)
+        assert b.acquire(job) and b.still_owner(job)
+        assert a.lease.fenced or not a.lease.dir.exists()
+        a, b = Spool(tmp_path, "a", stale_after_s=0), Spool(tmp_path, "b", stale_after_s=0)
     assert sorted(p.name for p in job.iterdir()) == ["owner.json"]
 
 
 def _take_over_for(root: str, instance: str, seconds: float) -> None:
-    """One daemon's acquire, over and over, against peers doing the same (none has a
-    heartbeat, so each judges the others stale and takes the job back)."""
-    spool = Spool(Path(root), instance)
-    job = spool.processing / "j-20260101T000000-abcdef"
+    """One daemon's acquire, over and over, against peers doing the same (each is
+    taken over by the others, which fence it: it goes on as a new incarnation)."""
     end = time.monotonic() + seconds
     while time.monotonic() < end:
-        spool.acquire(job, stale_after_s=60)
+        spool = Spool(Path(root), instance, stale_after_s=0)  # all stale at first sight
+        job = spool.processing / "j-20260101T000000-abcdef"
+        while time.monotonic() < end and not spool.lease.fenced:
+            spool.acquire(job)
+            with contextlib.suppress(Fenced):
+                spool.lease.check()
 
 
 def test_concurrent_take_overs_leave_no_grave(tmp_path: Path) -> None:

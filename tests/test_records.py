@@ -224,7 +224,7 @@ def test_active_jobs_names_the_unreadable_ones_and_touches_nothing(tmp_path: Pat
     assert set(spool.unreadable) == set(broken)
     for name, reason in broken.items():
         assert reason in spool.unreadable[name], (name, spool.unreadable[name])
-    spool.recover(stale_after_s=5)  # take_over reads them too: still nothing touched
+    spool.recover()  # take_over reads them too: still nothing touched
     assert _snapshot(spool.processing) == before
     # Refreshed at every call: a repaired job runs, a removed one is forgotten.
     (spool.processing / "attempts-x" / "state.json").write_text(

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from spoold import fsio
+from spoold.fsio import Fenced
 from spoold.heartbeat import Heartbeat
 from spoold.job import JobState, load_state, save_state
 from spoold.spool import Kind, SettleTracker, Spool, classify, count_requests
@@ -101,21 +102,35 @@ def test_only_one_of_several_daemons_claims_a_file(tmp_path: Path) -> None:
 
 
 def test_ownership_and_takeover_of_stale_peer(tmp_path: Path) -> None:
-    """Design §2: a live peer keeps its job; a stale one loses it."""
-    a, b = Spool(tmp_path, "gpu0"), Spool(tmp_path, "gpu1")
+    """Design §2: a live peer keeps its job however old its wall clock says its beats
+    are; one whose heartbeat stops changing for stale_after_s on the observer's own
+    clock loses it, fenced first (its state.json writes fail from then on)."""
+    now = [1000.0]
+    a = Spool(tmp_path, "gpu0")
+    b = Spool(tmp_path, "gpu1", stale_after_s=60, clock=lambda: now[0])
     a.ensure_layout()
     job = tmp_path / "processing" / "j1"
     job.mkdir()
-    beat = Heartbeat(a.heartbeats / "gpu0.json", 1, {})
-    beat.write()
-    assert a.acquire(job, stale_after_s=60)
+    beat = {"instance": "gpu0", "token": a.lease.token, "pid": os.getpid(), "seq": 1}
+    beat["updated_at"] = "2000-01-01T00:00:00Z"  # a clock 26 years behind: never compared
+    path = a.heartbeats / "gpu0.json"
+    path.write_text(json.dumps(beat))
+    assert a.acquire(job)
     assert a.still_owner(job)
-    assert not b.acquire(job, stale_after_s=60)  # gpu0 is alive
-    old = json.loads((a.heartbeats / "gpu0.json").read_text())
-    old["updated_at"] = "2000-01-01T00:00:00Z"
-    (a.heartbeats / "gpu0.json").write_text(json.dumps(old))
-    assert b.acquire(job, stale_after_s=60)
+    for _ in range(5):  # alive: its seq grows, minutes apart on b's clock
+        assert not b.acquire(job)
+        now[0] += 59
+        beat["seq"] += 1
+        path.write_text(json.dumps(beat))
+    assert not b.acquire(job)  # seen now; unchanged for 0 s
+    now[0] += 61
+    assert b.acquire(job)
     assert b.still_owner(job) and not a.still_owner(job)
+    assert not a.lease.dir.exists()  # fenced
+    with pytest.raises(Fenced):
+        a.save(job, load_state(job) if (job / "state.json").exists() else JobState("j1", "x"))
+    owner = json.loads((job / "owner.json").read_text())
+    assert owner["generation"] == 2 and owner["token"] == b.lease.token
 
 
 def test_recover_finishes_terminal_jobs_and_claims(tmp_path: Path) -> None:
@@ -132,13 +147,15 @@ def test_recover_finishes_terminal_jobs_and_claims(tmp_path: Path) -> None:
     st.status = "completed"
     save_state(spool.processing / job_id, st)
     # C3: a claim dir holding the input, not yet renamed into place.
-    staging = spool.processing / ".claim-default+y-20260101T000000-abcdef"
+    staging = spool.processing / ".claim-default.0123456789ab+y-20260101T000000-abcdef"
     staging.mkdir()
     save_state(staging, JobState(id="y-20260101T000000-abcdef", source_name="y.jsonl"))
     write_jsonl(staging / "input.jsonl", [chat("b")])
     # C1: an empty claim dir.
-    (spool.processing / ".claim-default+z-20260101T000000-abcdef").mkdir()
-    spool.recover(stale_after_s=60)
+    (spool.processing / ".claim-default.0123456789ab+z-20260101T000000-abcdef").mkdir()
+    # From a spoold before incarnations (no token in the name): ours, a past life.
+    (spool.processing / ".claim-default+w-20260101T000000-abcdef").mkdir()
+    spool.recover()
     assert (spool.done / job_id).is_dir()
     assert (spool.processing / "y-20260101T000000-abcdef" / "input.jsonl").exists()
     assert sorted(p.name for p in spool.processing.iterdir()) == ["y-20260101T000000-abcdef"]
@@ -163,8 +180,8 @@ def test_a_claim_whose_fsync_fails_after_the_rename_keeps_the_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Step 3 renamed the file into the staging dir, then the directory fsync failed
-    (EIO on a network mount): the file must stay there (C3), never be removed with
-    the staging dir; recovery then finishes the claim."""
+    (EIO on a network mount): the file must never be removed with the staging dir;
+    the claim looks where the file is and goes on (design §1)."""
     spool = Spool(tmp_path)
     spool.ensure_layout()
     data = write_jsonl(spool.incoming / "x.jsonl", [chat("a")]).read_bytes()
@@ -178,13 +195,11 @@ def test_a_claim_whose_fsync_fails_after_the_rename_keeps_the_file(
         real(path)
 
     monkeypatch.setattr(fsio, "fsync_dir", flaky)
-    with pytest.raises(OSError):
-        spool.claim(entry, 1, len(data))
+    job_id = spool.claim(entry, 1, len(data))
     monkeypatch.setattr(fsio, "fsync_dir", real)
-    (staged,) = [p for p in spool.processing.iterdir() if p.name.startswith(".claim-")]
-    assert (staged / "input.jsonl").read_bytes() == data
-    spool.recover(stale_after_s=60)
+    assert job_id is not None
     (job,) = list(spool.processing.iterdir())
+    assert job.name == job_id
     assert (job / "input.jsonl").read_bytes() == data and load_state(job).status == "queued"
 
 
@@ -192,7 +207,7 @@ def test_acquire_of_a_job_that_moved_on_is_false(tmp_path: Path) -> None:
     """A peer finished or cancelled it between our listing and our acquire."""
     spool = Spool(tmp_path)
     spool.ensure_layout()
-    assert not spool.acquire(spool.processing / "gone-20260101T000000-abcdef", 60)
+    assert not spool.acquire(spool.processing / "gone-20260101T000000-abcdef")
 
 
 def test_two_daemons_taking_over_one_stale_job_at_once_do_not_both_own_it(
@@ -205,23 +220,25 @@ def test_two_daemons_taking_over_one_stale_job_at_once_do_not_both_own_it(
     a.ensure_layout()
     job = a.processing / "j-20260101T000000-abcdef"
     job.mkdir()
-    (job / "owner.json").write_text(json.dumps({"instance": "p", "hostname": "h", "pid": 1}))
+    # p's lease dir is gone: dead to everyone (design §2).
+    dead = {"instance": "p", "hostname": "h", "pid": 1, "token": "0123456789ab"}
+    (job / "owner.json").write_text(json.dumps(dead))
     real_move = fsio.move
     raced = []
 
     def move(src: Path, dst: Path) -> None:
         if not raced and dst.name.startswith("owner.json.b."):
             raced.append(True)
-            assert a.acquire(job, stale_after_s=60)  # a, in between b's look and rename
+            assert a.acquire(job)  # a, in between b's look and rename
         real_move(src, dst)
 
     monkeypatch.setattr(fsio, "move", move)
-    b_owns = b.acquire(job, stale_after_s=60)
+    b_owns = b.acquire(job)
     a_owns = a.still_owner(job)
     assert raced and not (a_owns and b_owns)
     assert not b_owns
     monkeypatch.setattr(fsio, "move", real_move)
-    assert a.acquire(job, stale_after_s=60) or b.acquire(job, stale_after_s=60)
+    assert a.acquire(job) or b.acquire(job)
 
 
 def test_an_entry_named_like_a_job_file_is_still_rejected(tmp_path: Path) -> None:

@@ -166,6 +166,7 @@ from spoold.engines import make_engine
 cfg = load_config(Path(sys.argv[1]))
 d = Daemon(cfg, lambda model: make_engine(cfg.engine, model))
 d.spool.ensure_layout()
+assert d._claim_instance()  # the instance lease: the heartbeat is ours to write
 d.install_signal_handlers()
 lock = {
     "heartbeat": d.heartbeat._lock,
@@ -293,18 +294,42 @@ def test_a_stopping_daemon_is_still_alive_for_spool_status(tmp_path: Path) -> No
 
 
 def test_a_stopped_heartbeat_does_not_block_the_next_daemon(tmp_path: Path) -> None:
-    """A fresh heartbeat of the same instance blocks a start (its daemon may still run,
-    on another host); one that says `stopped` does not: that daemon exited cleanly."""
-    cfg = make_config(tmp_path)
+    """A heartbeat of the same instance that keeps changing blocks a start (its daemon
+    runs, on another host; wall clocks are not compared); one that says `stopped` does
+    not: that daemon exited cleanly. One that nobody rewrites is stale after
+    heartbeat.stale_after_s on the starting daemon's clock, and then does not either."""
+    cfg = make_config(tmp_path, heartbeat={"interval_s": 0.2, "stale_after_s": 2})
     spool = tmp_path / "spool"
-    _beat(spool, status="stopping")
-    refused = run_spoold("run", "--config", str(cfg), "--drain", timeout=60)
+    alive = threading.Event()
+    alive.set()
+
+    def beating() -> None:
+        seq = 7
+        while alive.is_set():
+            seq += 1
+            _beat(spool, status="stopping", seq=seq, updated_at="2001-01-01T00:00:00Z")
+            time.sleep(0.1)
+
+    writer = threading.Thread(target=beating)
+    writer.start()
+    try:
+        refused = run_spoold("run", "--config", str(cfg), "--drain", timeout=60)
+    finally:
+        alive.clear()
+        writer.join()
     assert refused.returncode == 2 and "elsewhere.example" in refused.stderr, refused.stderr
     _beat(spool, status="stopped", reason="SIGTERM")
+    started = time.monotonic()
     ran = run_spoold("run", "--config", str(cfg), "--drain", timeout=60)
     assert ran.returncode == 0, ran.stderr
+    assert time.monotonic() - started < 2, "a stopped heartbeat made the start wait"
     beat = read_beat(spool)
     assert beat is not None and beat["status"] == "stopped" and beat["reason"] == "drained"
+    _beat(spool, status="processing")  # a daemon that died on another host, mid-beat
+    started = time.monotonic()
+    ran = run_spoold("run", "--config", str(cfg), "--drain", timeout=60)
+    assert ran.returncode == 0, ran.stderr
+    assert time.monotonic() - started >= 2, "judged dead before stale_after_s"
 
 
 # -- Heartbeat ----------------------------------------------------------------------------

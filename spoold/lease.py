@@ -1,0 +1,432 @@
+"""Incarnations, their lease directories, liveness on the observer's clock, fencing.
+
+The protocol is docs/design.md §2. In short: every `spoold run` process is an
+incarnation (instance name + random token) with a lease directory under heartbeats/;
+everything it changes in a job is renamed out of that directory, so renaming the
+directory away (fencing) makes a stalled daemon harmless. Peers are judged alive or
+stale by watching their heartbeat change on the observer's own monotonic clock; wall
+clocks of different hosts are never compared.
+
+Imports nothing heavy (spool-status reads heartbeats with spoold.heartbeat, not this).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from spoold import fsio
+from spoold.fsio import Fenced
+
+TOKEN_BYTES = 6  # 12 hex digits
+LEASE_SUFFIX = ".lease"
+FENCED_MARK = ".fenced-"
+HEARTBEAT_GRAVE_SUFFIX = ".grave"
+POLL_S = 0.05  # how often a starting daemon looks at its instance's heartbeat again
+
+
+def _host_id() -> str:
+    """The kernel's boot id and this pid namespace: records with the same host_id name
+    pids of one pid space, so a pid can be checked. Hostnames alone repeat (cloned VMs,
+    containers); an unknown part makes the id unique to this process, so that pids are
+    then never trusted."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        boot = f"unknown-{secrets.token_hex(8)}"
+    try:
+        pidns = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        pidns = f"unknown-{secrets.token_hex(8)}"
+    return f"{boot}/{pidns}"
+
+
+HOST_ID = _host_id()
+
+
+def spoold_alive(pid: object) -> bool:
+    """Whether `pid` is a live spoold process in this pid space (a reused pid is not)."""
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return False
+    if pid == os.getpid():
+        return True  # this process (another incarnation of it, or a test's Spool)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # alive, another user's
+    try:
+        return b"spoold" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except FileNotFoundError:
+        return False  # exited meanwhile
+    except OSError:
+        return True  # no /proc to tell: assume it is
+
+
+def lease_dir_name(instance: str, token: str) -> str:
+    return f".{instance}.{token}{LEASE_SUFFIX}"
+
+
+def parse_lease_dir(name: str) -> tuple[str, str] | None:
+    """(instance, token) of a lease directory's name, or None."""
+    if not (name.startswith(".") and name.endswith(LEASE_SUFFIX)):
+        return None
+    instance, _, token = name[1 : -len(LEASE_SUFFIX)].rpartition(".")
+    return (instance, token) if instance and token else None
+
+
+def _is_token(value: object) -> bool:
+    return isinstance(value, str) and len(value) == 2 * TOKEN_BYTES and value.isalnum()
+
+
+@dataclass(frozen=True)
+class Holder:
+    """The incarnation a record names: a heartbeat, an owner.json, a staging dir."""
+
+    instance: str
+    token: str | None = None  # None: a record of a spoold from before incarnations
+    hostname: str | None = None
+    pid: int | None = None
+    host_id: str | None = None
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> Holder | None:
+        instance = record.get("instance")
+        if not isinstance(instance, str) or not instance:
+            return None
+        token, pid = record.get("token"), record.get("pid")
+        hostname, host_id = record.get("hostname"), record.get("host_id")
+        return cls(
+            instance,
+            token if _is_token(token) else None,
+            hostname if isinstance(hostname, str) else None,
+            pid if isinstance(pid, int) and not isinstance(pid, bool) else None,
+            host_id if isinstance(host_id, str) else None,
+        )
+
+    def provably_dead(self) -> bool:
+        """Its process is gone for sure: in our pid space, and no spoold has its pid."""
+        return self.host_id == HOST_ID and self.pid is not None and not spoold_alive(self.pid)
+
+    def describe(self) -> str:
+        return f"pid {self.pid} on {self.hostname}"
+
+
+class Verdict(Enum):
+    ALIVE = "alive"
+    STALE = "stale"  # no change for stale_after_s on our clock
+    DEAD = "dead"  # lease directory gone, process gone, or stopped cleanly
+
+
+def read_record(path: Path) -> dict[str, Any] | None:
+    """A JSON object record (heartbeat, owner.json), or None if missing or unreadable."""
+    return read_raw(path)[1]
+
+
+def _fingerprint(beat: dict[str, Any] | None) -> tuple[Any, ...] | None:
+    """What must change for a heartbeat to prove its writer alive: its content."""
+    if beat is None:
+        return None
+    keys = ("seq", "updated_at", "token", "pid", "hostname", "status")
+    return tuple(json.dumps(beat.get(k), sort_keys=True) for k in keys)
+
+
+class Observer:
+    """Liveness of other incarnations, judged on this process's monotonic clock.
+
+    Something is stale when it has not changed for `stale_after_s` counted from our
+    first reading of its current content; every judgement reads it again, so an
+    observer that was itself paused sees the beats it missed."""
+
+    def __init__(
+        self,
+        heartbeats: Path,
+        stale_after_s: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.heartbeats = heartbeats
+        self.stale_after_s = stale_after_s
+        self.clock = clock
+        # key -> (fingerprint, when first read so, whether it was seen changing)
+        self._seen: dict[str, tuple[Any, float, bool]] = {}
+
+    def unchanged_for(self, key: str, fingerprint: Any) -> float:
+        """Seconds (our clock) that `key` has had `fingerprint`; 0 when it is new."""
+        now = self.clock()
+        seen = self._seen.get(key)
+        if seen is None or seen[0] != fingerprint:
+            self._seen[key] = (fingerprint, now, seen is not None)
+            return 0.0
+        return now - seen[1]
+
+    def stale(self, key: str, fingerprint: Any) -> bool:
+        return self.unchanged_for(key, fingerprint) >= self.stale_after_s
+
+    def beat(self, instance: str) -> dict[str, Any] | None:
+        return read_record(self.heartbeats / f"{instance}.json")
+
+    def judge(self, holder: Holder) -> Verdict:
+        if (
+            holder.token is not None
+            and not (self.heartbeats / lease_dir_name(holder.instance, holder.token)).is_dir()
+        ):
+            return Verdict.DEAD
+        if holder.provably_dead():
+            return Verdict.DEAD
+        beat = self.beat(holder.instance)
+        if (
+            beat is not None
+            and beat.get("token") == holder.token  # both None: a spoold before tokens
+            and beat.get("status") == "stopped"
+        ):
+            return Verdict.DEAD
+        if self.stale(f"beat:{holder.instance}", _fingerprint(beat)):
+            return Verdict.STALE
+        return Verdict.ALIVE
+
+    def gone(self, holder: Holder) -> bool:
+        """Dead or stale: its claims may be taken (after fencing it)."""
+        return self.judge(holder) is not Verdict.ALIVE
+
+    def undecided(self, holder: Holder) -> bool:
+        """Alive as far as we know, but not seen changing yet: it may still turn out
+        stale (--drain waits for those; one seen beating is alive: no need to wait)."""
+        if self.judge(holder) is not Verdict.ALIVE:
+            return False
+        seen = self._seen.get(f"beat:{holder.instance}")
+        return seen is not None and not seen[2]
+
+
+def fence(heartbeats: Path, holder: Holder) -> None:
+    """Make an incarnation harmless (design §2): rename its lease directory away, then
+    remove it. After the rename nothing it writes through the directory can land."""
+    if holder.token is None:
+        return  # a spoold from before incarnations: nothing to fence
+    lease = heartbeats / lease_dir_name(holder.instance, holder.token)
+    grave = heartbeats / f"{lease.name}{FENCED_MARK}{secrets.token_hex(3)}"
+    try:
+        fsio.move(lease, grave)
+    except FileNotFoundError:
+        return  # fenced already, or exited
+    remove_fenced(grave)
+
+
+def remove_fenced(grave: Path) -> None:
+    """Remove a fenced lease directory (its own incarnation can no longer write into
+    it; another fencer may be removing it too)."""
+    with contextlib.suppress(FileNotFoundError):
+        fsio.remove_tree(grave)
+
+
+def take_record(path: Path, grave: Path, judged: bytes, new: bytes) -> bool:
+    """Replace a record judged dead (`judged`: its bytes, read once) by ours, `new`:
+    rename it to `grave` (one taker wins), create ours with O_EXCL, and check the grave
+    holds what was judged (else another taker came in between: step back). True if
+    ours now."""
+    try:
+        fsio.move(path, grave)
+    except FileNotFoundError:
+        return False  # another taker renamed it first
+    try:
+        if not fsio.create_exclusive(path, new):
+            return False  # one found no record and created its own first
+        try:
+            buried = grave.read_bytes()
+        except FileNotFoundError:
+            buried = None  # removed by a peer's repair: it judged us dead
+        if buried != judged:
+            # Between our look and our rename another daemon took it: we buried its
+            # fresh record. Step back; it finds itself no longer holder at its next
+            # check, and the record is taken afresh (never by two at once).
+            step_back(path, new)
+            return False
+        return True
+    finally:
+        fsio.remove(grave)  # read; kept, one would pile up per take-over
+
+
+def read_raw(path: Path) -> tuple[bytes | None, dict[str, Any] | None]:
+    """A record's bytes (None if missing) and its object (None if not one)."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return None, None
+    except OSError:
+        return b"", None
+    return raw, parse_record(raw)
+
+
+def parse_record(raw: bytes) -> dict[str, Any] | None:
+    try:
+        record = json.loads(raw)
+    except (ValueError, RecursionError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def step_back(path: Path, mine: bytes) -> None:
+    """Remove `path` if it still holds our record `mine`, and only then."""
+    try:
+        if path.read_bytes() != mine:
+            return
+    except FileNotFoundError:
+        return
+    fsio.remove(path)
+
+
+class InstanceTaken(Exception):
+    """A live daemon holds this instance name: this one must not run (exit 2)."""
+
+
+class Lease:
+    """This incarnation: its token, its lease directory, its heartbeat's freshness."""
+
+    def __init__(
+        self,
+        heartbeats: Path,
+        instance: str,
+        stale_after_s: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.heartbeats = heartbeats
+        self.instance = instance
+        self.stale_after_s = stale_after_s
+        self.clock = clock
+        self.token = secrets.token_hex(TOKEN_BYTES)
+        self.dir = heartbeats / lease_dir_name(instance, self.token)
+        self.ok_at: float | None = None  # monotonic start of the last beat that landed
+        self.fenced = False
+        self.made = False
+        self.beating = False  # a daemon's lease: fresh only while its heartbeats land
+        self.holding = False  # the instance lease is ours: our heartbeat is ours to write
+
+    @property
+    def heartbeat_path(self) -> Path:
+        return self.heartbeats / f"{self.instance}.json"
+
+    def identity(self) -> dict[str, Any]:
+        return {
+            "instance": self.instance,
+            "hostname": socket.gethostname(),
+            "pid": os.getpid(),
+            "host_id": HOST_ID,
+            "token": self.token,
+        }
+
+    def holder(self) -> Holder:
+        return Holder(self.instance, self.token, socket.gethostname(), os.getpid(), HOST_ID)
+
+    def ensure_dir(self) -> None:
+        """Make our lease directory, once: made, a missing one means fenced, and making
+        it again would bring a fenced incarnation back to life."""
+        if not self.made:
+            fsio.make_dir(self.heartbeats)
+            self.dir.mkdir()
+            fsio.fsync_dir(self.heartbeats)
+            self.made = True
+
+    def check(self) -> None:
+        """The fence check (design §2 W2): raise Fenced if our lease directory is gone."""
+        if self.fenced or not self.dir.is_dir():
+            self.fenced = True
+            raise Fenced(f"{self.dir} is gone: another daemon took this one's work over")
+
+    def fresh(self) -> bool:
+        """Whether we may commit: our last heartbeat began less than stale_after_s / 2
+        ago on our clock (design §2), and we are not fenced."""
+        if self.fenced:
+            return False
+        if not self.beating:
+            return True  # a command's or a test's: no heartbeat to keep fresh
+        return self.ok_at is not None and self.clock() - self.ok_at < self.stale_after_s / 2
+
+    def write(self, path: Path, data: bytes) -> None:
+        """Replace `path` through our lease directory (design §2 W1)."""
+        try:
+            fsio.atomic_write(path, data, via=self.dir)
+        except Fenced:
+            self.fenced = True
+            raise
+
+    def beat(self, data: bytes) -> None:
+        """Write our heartbeat; the lease is fresh from the moment this write began."""
+        if not self.holding:
+            raise Fenced(f"instance {self.instance!r} is not held by this incarnation")
+        began = self.clock()
+        self.write(self.heartbeat_path, data)
+        self.ok_at = began
+        self.beating = True
+
+    def claim_instance(
+        self, observer: Observer, first_beat: Callable[[], bytes], stopping: Callable[[], bool]
+    ) -> bool:
+        """Become the one live daemon of our instance name (design §2, the instance
+        lease). Raises InstanceTaken naming the holder; False if asked to stop first."""
+        path = self.heartbeat_path
+        first: object = None
+        seen_any = False
+        while True:  # a stop ends only the waiting: a free instance is taken at once
+            raw, record = read_raw(path)
+            if raw is None:
+                began = self.clock()
+                if fsio.create_exclusive(path, first_beat()):
+                    self.ok_at, self.beating, self.holding = began, True, True
+                    return True
+                continue  # another starter created it first: look at it
+            holder = Holder.from_record(record or {})
+            fingerprint = _fingerprint(record) if record is not None else raw
+            if seen_any and fingerprint != first:
+                # The record changed while we watched: its writer is alive.
+                who = holder.describe() if holder is not None else "another daemon"
+                raise InstanceTaken(
+                    f"instance {self.instance!r}: another spoold runs as this instance "
+                    f"({who}; its heartbeat {path} changed while this one watched): give "
+                    "each daemon on a spool its own instance (config key instance, or "
+                    "--instance)"
+                )
+            if not seen_any:
+                first, seen_any = fingerprint, True
+            if holder is not None and holder.token == self.token:
+                self.holding = True
+                return True
+            if holder is None:  # unreadable: judged by its bytes
+                dead = observer.stale(f"record:{path}", raw)
+            else:
+                dead = observer.gone(holder)
+            if dead:
+                if holder is not None:
+                    fence(self.heartbeats, holder)
+                grave = self.heartbeats / f".{path.name}.{self.token}{HEARTBEAT_GRAVE_SUFFIX}"
+                began = self.clock()
+                if take_record(path, grave, raw, first_beat()):
+                    self.ok_at, self.beating, self.holding = began, True, True
+                    return True
+                continue
+            if stopping():
+                return False
+            time.sleep(POLL_S)
+
+    def release(self) -> None:
+        """A clean exit: after the last heartbeat, our lease directory goes (we are
+        dead to everyone from here)."""
+        self.fenced, self.holding = True, False  # nothing more is written through it
+        with contextlib.suppress(OSError):
+            fsio.remove_tree(self.dir)
+
+
+def heartbeat_grave_taker(name: str) -> str | None:
+    """The token of the taker that made a heartbeat grave (`.<instance>.json.<token>.grave`)."""
+    if not (name.startswith(".") and name.endswith(HEARTBEAT_GRAVE_SUFFIX)):
+        return None
+    token = name[: -len(HEARTBEAT_GRAVE_SUFFIX)].rpartition(".")[2]
+    return token if _is_token(token) else None
