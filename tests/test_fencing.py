@@ -5,9 +5,9 @@ SPEC §3 "Several daemons, one spool" and docs/design.md §2. Every test runs re
 chunks over a few seconds) on one temp spool, and injects what a shared spool meets
 in production: a daemon stalled inside an fsync (a hung NFS server, through the
 LD_PRELOAD fault shim of tests/faultshim.py), SIGSTOP (a paused VM), SIGKILL, wall
-clocks minutes apart (the shim's wall-clock offset), two starts of one instance at the same instant,
-renames and unlinks that happen and then report an error (a retransmitted NFS
-RENAME). The assertions are what a user sees: every request exactly once in done/,
+clocks minutes apart (the shim's clock offset), two starts of one instance at the
+same instant, renames and unlinks that happen and then report an error (a
+retransmitted NFS RENAME). The assertions are what a user sees: every request exactly once in done/,
 no submitted file lost, a finished job never changed again, the exit codes.
 """
 
@@ -399,6 +399,8 @@ def race_one_instance(base: Path, rnd: int) -> None:
         assert_done_once(job, ids)
         assert owner(job)["pid"] == survivor.pid
         assert survivor.stop() == 0
+        left = sorted(p.name for p in (base / "spool" / "heartbeats").iterdir())
+        assert left == ["gpu0.json"], f"round {rnd}: left in heartbeats/: {left}"
     finally:
         for d in pair:
             d.kill()
@@ -408,9 +410,10 @@ def test_two_daemons_started_at_once_with_one_instance_name_one_wins(tmp_path: P
     """Injects: two `spoold run --instance gpu0` started back to back, eight rounds
     (even rounds on a fresh spool, where both race to create the heartbeat; odd ones
     on the spool the last survivor stopped cleanly on, where both race to replace its
-    record). Covers the instance lease and L1/L2: exactly one keeps running, the other
-    exits 2 naming the instance and the survivor's pid; the survivor runs a job
-    exactly once and exits 0 on SIGTERM."""
+    record). Covers the instance lease (design §2, its steps 2-4): exactly one keeps
+    running, the other exits 2 naming the instance and the survivor's pid; the
+    survivor runs a job exactly once and exits 0 on SIGTERM; neither leaves a lease
+    directory or a grave behind (no L1 orphan, no L2 grave)."""
     for rnd in range(8):
         base = tmp_path / f"spool{rnd // 2}"
         base.mkdir(exist_ok=True)
