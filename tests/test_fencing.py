@@ -171,8 +171,9 @@ def owner(job: Path) -> dict[str, Any]:
     return record if isinstance(record, dict) else {}
 
 
-def committed_jobs(spool: Path, instance: str | None = None) -> dict[str, Path]:
-    """Running jobs in processing/ that have committed a chunk: owner instance → job."""
+def committed_jobs(spool: Path, instance: str | None = None, left: int = 0) -> dict[str, Path]:
+    """Running jobs in processing/ that have committed a chunk and have at least `left`
+    requests to go: owner instance → job."""
     found = {}
     for job in job_dirs(spool, "processing"):
         try:
@@ -180,7 +181,9 @@ def committed_jobs(spool: Path, instance: str | None = None) -> dict[str, Path]:
         except (OSError, ValueError):
             continue  # being replaced or moved right now
         who = owner(job).get("instance")
-        if who and st["checkpoint"]["completed"] > 0 and instance in (None, who):
+        done = st["checkpoint"]["completed"]
+        to_go = st["request_counts"]["total"] - done
+        if who and done > 0 and to_go >= left and instance in (None, who):
             found[who] = job
     return found
 
@@ -358,7 +361,7 @@ def test_daemons_whose_clocks_disagree_take_nothing_from_each_other(
     assert owners == {"skew", "norm"}, f"only {owners} ran jobs"
 
     assert norm.stop() == 0  # so that the long job is the skewed daemon's
-    ids = drop(spool, "long", 200)
+    ids = drop(spool, "long", 400)
     job = wait_for(lambda: committed_jobs(spool, "skew"), 20, what="skew to commit")["skew"]
     norm = start(daemons, cfg, "norm")
     skew.kill()  # SIGKILL, and reaped: its pid is gone
@@ -503,11 +506,16 @@ def test_three_daemons_one_killed_one_stopped_every_request_once(
     finishes everything: every custom_id of every job exactly once, all in done/,
     nothing failed. At the end the stopped one gets SIGCONT and SIGTERM: it exits 0
     within stop_timeout_s + 5 s and has changed nothing in done/."""
-    cfg = config(tmp_path, delay_s=0.003, chunk=20)
+    cfg = config(tmp_path, delay_s=0.005, chunk=20)
     spool = tmp_path / "spool"
     trio = {name: start(daemons, cfg, name) for name in ("a", "b", "c")}
     jobs = {f"m{k}.jsonl": drop(spool, f"m{k}", 100 + 10 * k) for k in range(12)}
-    busy = wait_for(lambda: len(committed_jobs(spool)) >= 2 and committed_jobs(spool), 20)
+
+    def two_busy() -> dict[str, Path] | None:
+        busy = committed_jobs(spool, left=60)  # so that neither ends before the blow
+        return busy if len(busy) >= 2 else None
+
+    busy = wait_for(two_busy, 20, what="two daemons in the middle of a job")
     (dead, dead_job), (frozen, frozen_job) = list(busy.items())[:2]
     trio[dead].kill()
     os.kill(trio[frozen].pid, signal.SIGSTOP)
