@@ -79,7 +79,7 @@ class Daemon:
             return None
         return beat if isinstance(beat, dict) else None
 
-    def wait_beating(self, timeout: float = 20) -> None:
+    def wait_beating(self, timeout: float = 10) -> None:
         """Until its heartbeat names it and has been rewritten at least once."""
 
         def beating() -> bool:
@@ -457,7 +457,7 @@ def test_renames_and_unlinks_that_report_errors_after_acting_lose_no_file(
     for life in range(3):
         liar = Daemon(cfg, "liar", env, tag=f"liar{life}")
         try:
-            deadline = time.monotonic() + (10 if life < 2 else 15)
+            deadline = time.monotonic() + (5 if life < 2 else 10)
             while time.monotonic() < deadline and liar.proc.poll() is None:
                 if len(job_dirs(spool, "done")) == len(jobs):
                     break
@@ -473,7 +473,7 @@ def test_renames_and_unlinks_that_report_errors_after_acting_lose_no_file(
             elif liar.proc.poll() is None:
                 os.kill(liar.pid, signal.SIGTERM)
                 try:
-                    liar.proc.wait(15)
+                    liar.proc.wait(8)
                 except subprocess.TimeoutExpired:
                     liar.kill()
     assert shim_faults(faults, "lie rename"), "no rename was lied about"
@@ -482,7 +482,7 @@ def test_renames_and_unlinks_that_report_errors_after_acting_lose_no_file(
     lost = [name for name, data in submitted.items() if data not in copies]
     assert not lost, f"submitted files lost: {lost}; failed/: {job_dirs(spool, 'failed')}"
 
-    proc = run_spoold("run", "--config", str(cfg), "--instance", "liar", "--drain", timeout=60)
+    proc = run_spoold("run", "--config", str(cfg), "--instance", "liar", "--drain", timeout=25)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert not job_dirs(spool, "failed"), [state(j) for j in job_dirs(spool, "failed")]
     assert not job_dirs(spool, "processing")
