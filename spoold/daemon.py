@@ -223,7 +223,8 @@ class Daemon:
 
     def run(self, drain: bool = False) -> int:
         """recover → (admit → run one job)* until stopped (or drained). The exit code."""
-        self.spool.ensure_layout()  # makes our lease directory: before the instance lease
+        self.spool.ensure_layout()
+        self.spool.lease.ensure_dir()  # our lease directory first, then the instance lease
         try:
             claimed = self._claim_instance()
         except InstanceTaken:

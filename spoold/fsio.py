@@ -11,7 +11,7 @@ import io
 import json
 import os
 import secrets
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +43,7 @@ class Fenced(Exception):
     took its claims over (design §2). Nothing it writes lands any more."""
 
 
-def atomic_write(path: Path, data: bytes, via: Path | None = None) -> None:
+def atomic_write(path: Path, data: bytes | Iterable[bytes], via: Path | None = None) -> None:
     """Replace `path` with `data`: temp file + fsync + rename + fsync of the directory.
 
     With `via` (a lease directory, design §2 W1) the temp is written there, so the
@@ -58,7 +58,17 @@ def atomic_write(path: Path, data: bytes, via: Path | None = None) -> None:
             raise Fenced(f"{via} is gone: another daemon took this one's work over") from None
         raise
     try:
-        _write_synced(fd, data)
+        if isinstance(data, bytes):
+            _write_synced(fd, data)
+        else:
+            try:
+                for block in data:
+                    view = memoryview(block)
+                    while view:
+                        view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         os.rename(tmp, path)
     except BaseException as e:
         if isinstance(e, OSError) and _renamed_after_all(tmp, where):
@@ -72,6 +82,19 @@ def atomic_write(path: Path, data: bytes, via: Path | None = None) -> None:
             raise Fenced(f"{via} is gone: another daemon took this one's work over") from e
         raise
     fsync_dir(path.parent)
+
+
+def prefix_blocks(path: Path, nbytes: int, block: int = 1 << 20) -> Iterator[bytes]:
+    """The first `nbytes` of a file, in blocks (a result file's committed prefix, copied
+    without holding it in memory). ValueError if the file is shorter."""
+    with open(path, "rb") as f:
+        left = nbytes
+        while left:
+            data = f.read(min(block, left))
+            if not data:
+                raise ValueError(f"{path} has fewer than the {nbytes} bytes committed")
+            left -= len(data)
+            yield data
 
 
 def _renamed_after_all(tmp: Path, where: Path) -> bool:

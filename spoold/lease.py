@@ -18,7 +18,7 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -71,6 +71,22 @@ def spoold_alive(pid: object) -> bool:
         return False  # exited meanwhile
     except OSError:
         return True  # no /proc to tell: assume it is
+
+
+def running_here(holder: Holder) -> bool:
+    """Whether a holder is a spoold process of our pid space that runs (not stopped by a
+    signal, not a zombie): a second daemon of its instance can exit 2 at once rather
+    than watch for its next beat. One that is stopped is judged by its heartbeat."""
+    if holder.host_id != HOST_ID or holder.pid is None or holder.pid == os.getpid():
+        return False
+    if not spoold_alive(holder.pid):
+        return False
+    try:
+        stat = Path(f"/proc/{holder.pid}/stat").read_text()
+    except OSError:
+        return False
+    state = stat.rpartition(")")[2].split()[:1]
+    return bool(state) and state[0] in ("R", "S")  # D: hung in I/O, may be stale
 
 
 def lease_dir_name(instance: str, token: str) -> str:
@@ -223,8 +239,9 @@ def fence(heartbeats: Path, holder: Holder) -> None:
 
 def remove_fenced(grave: Path) -> None:
     """Remove a fenced lease directory (its own incarnation can no longer write into
-    it; another fencer may be removing it too)."""
-    with contextlib.suppress(FileNotFoundError):
+    it; another fencer may be removing it too). What cannot go yet (an NFS client's
+    `.nfs*` file for a temp its writer still holds open) goes at a later recovery."""
+    with contextlib.suppress(OSError):
         fsio.remove_tree(grave)
 
 
@@ -350,7 +367,7 @@ class Lease:
             return True  # a command's or a test's: no heartbeat to keep fresh
         return self.ok_at is not None and self.clock() - self.ok_at < self.stale_after_s / 2
 
-    def write(self, path: Path, data: bytes) -> None:
+    def write(self, path: Path, data: bytes | Iterable[bytes]) -> None:
         """Replace `path` through our lease directory (design §2 W1)."""
         try:
             fsio.atomic_write(path, data, via=self.dir)
@@ -372,6 +389,7 @@ class Lease:
     ) -> bool:
         """Become the one live daemon of our instance name (design §2, the instance
         lease). Raises InstanceTaken naming the holder; False if asked to stop first."""
+        self.ensure_dir()  # before the lease record that names it
         path = self.heartbeat_path
         first: object = None
         seen_any = False
@@ -399,6 +417,16 @@ class Lease:
             if holder is not None and holder.token == self.token:
                 self.holding = True
                 return True
+            if (
+                holder is not None
+                and running_here(holder)
+                and observer.judge(holder) is Verdict.ALIVE
+            ):
+                raise InstanceTaken(
+                    f"instance {self.instance!r}: another spoold runs as this instance "
+                    f"({holder.describe()}): give each daemon on a spool its own instance "
+                    "(config key instance, or --instance)"
+                )
             if holder is None:  # unreadable: judged by its bytes
                 dead = observer.stale(f"record:{path}", raw)
             else:

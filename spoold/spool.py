@@ -223,7 +223,6 @@ class Spool:
     def ensure_layout(self) -> None:
         for d in (self.incoming, self.processing, self.done, self.failed, self.heartbeats):
             fsio.make_dir(d)
-        self.lease.ensure_dir()
 
     def save(self, job_dir: Path, state: JobState) -> None:
         """Write a job's state.json as its owner: through our lease directory (design §2
@@ -464,18 +463,14 @@ class Spool:
         ck = state.checkpoint
         for name, keep in ((OUTPUT, ck.output_bytes), (ERRORS, ck.errors_bytes)):
             path = job_dir / name
-            try:
-                src = open(path, "rb")  # noqa: SIM115
-            except FileNotFoundError:
-                if keep:
-                    log.error("result file missing", job_id=state.id, file=name, bytes=keep)
+            if not path.exists() and not keep:
                 continue
-            with src:
-                data = src.read(keep)
-            if len(data) < keep:
-                log.error("result file shorter than its checkpoint", job_id=state.id, file=name)
-                continue  # left as it is: the run says so loudly (AppendLog)
-            self.lease.write(path, data)
+            try:
+                self.lease.write(path, fsio.prefix_blocks(path, keep))
+            except (FileNotFoundError, ValueError) as e:
+                # Missing or shorter than its checkpoint: left as it is; the run says
+                # so loudly (AppendLog), and the job fails rather than lose a line.
+                log.error("result file not as committed", job_id=state.id, error=str(e))
 
     def owners_undecided(self) -> list[str]:
         """Unfinished jobs held by an incarnation we have not judged yet either way (its

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -120,6 +122,33 @@ def assert_exactly_once(job_dir: Path, expected_ids: Iterable[str]) -> None:
     dupes = {k: v for k, v in counts.items() if v > 1 and k in expected}
     assert not missing, f"{len(missing)} custom_ids missing, e.g. {sorted(missing)[:5]}"
     assert not dupes, f"custom_ids more than once: {dict(list(dupes.items())[:5])}"
+
+
+@contextlib.contextmanager
+def beating(path: Path, record: dict[str, Any], period_s: float = 0.1) -> Iterator[None]:
+    """A live peer's heartbeat, as seen from another host: rewritten every `period_s`
+    with its seq growing (liveness is a heartbeat that changes, SPEC §3), until the
+    block ends."""
+    done = threading.Event()
+
+    def beat() -> None:
+        seq = 0
+        while True:
+            seq += 1
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.test.tmp")
+            tmp.write_text(json.dumps({**record, "seq": seq}))
+            os.replace(tmp, path)
+            if done.wait(period_s):
+                return
+
+    thread = threading.Thread(target=beat, name="peer-heartbeat")
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
 
 
 def wait_for(

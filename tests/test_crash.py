@@ -33,6 +33,7 @@ from tests.helpers import (
     SPOOLD,
     _env,
     assert_exactly_once,
+    beating,
     chat,
     completion,
     drain,
@@ -741,7 +742,7 @@ def test_start_up_recovery_leaves_a_live_peers_temp_files_alone(tmp_path: Path) 
     peer's rename would fail under it."""
     cfg = make_config(tmp_path)
     spool = tmp_path / "spool"
-    _peer_heartbeat(spool, "gpu1", age_s=0)
+    (spool / "heartbeats").mkdir(parents=True)
     job_id = new_job_id("theirs.jsonl")
     job = spool / "processing" / job_id
     content = write_jsonl(tmp_path / "theirs.jsonl", _requests("t", 5)).read_bytes()
@@ -754,7 +755,9 @@ def test_start_up_recovery_leaves_a_live_peers_temp_files_alone(tmp_path: Path) 
     ours = spool / "heartbeats" / ".default.json.0bad.tmp"
     ours.write_text("{")
 
-    drain(cfg)
+    peer = {"instance": "gpu1", "pid": 1, "hostname": "peer", "status": "processing"}
+    with beating(spool / "heartbeats" / "gpu1.json", peer):  # alive: it keeps beating
+        drain(cfg)
     assert all(p.exists() for p in theirs), [p for p in theirs if not p.exists()]
     assert not ours.exists()
     assert state(job)["status"] == "running"  # still the peer's: not run, not moved

@@ -25,6 +25,7 @@ from tests.helpers import (
     SPOOLD,
     _env,
     assert_exactly_once,
+    beating,
     chat,
     drain,
     job_dirs,
@@ -137,10 +138,8 @@ def test_recovery_removes_graves_of_an_interrupted_take_over_c10_c11(tmp_path: P
     peer_grave = _grave(jobs["peer"], "peer", dead)
     ours = _grave(jobs["peer"], "default", dead, tag="0f0f0f")  # our life before the peer's
     beat = {"instance": "peer", "pid": 3, "hostname": "h", "status": "processing"}
-    beat["updated_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    (spool / "heartbeats" / "peer.json").write_text(json.dumps(beat))
-
-    drain(cfg)
+    with beating(spool / "heartbeats" / "peer.json", beat):  # alive: it keeps beating
+        drain(cfg)
     done = {state(d)["source_name"]: d for d in job_dirs(spool, "done")}
     assert sorted(done) == ["c10.jsonl", "c11.jsonl"]
     for name in ("c10", "c11"):
