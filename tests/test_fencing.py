@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from tests.faultshim import shim_env
 from tests.helpers import (
@@ -534,3 +535,33 @@ def test_three_daemons_one_killed_one_stopped_every_request_once(
     assert trio[frozen].stop(timeout=15) == 0
     assert snapshot(spool / "done") == before, "the stopped daemon changed done/ on waking"
     assert trio[survivor].stop() == 0
+
+
+# -- 7. queue limits across daemons ----------------------------------------------------
+
+
+def test_queue_limits_hold_across_daemons_to_within_one_file_each(
+    tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    """limits.max_queue_depth 2 with two daemons and twelve files dropped at once: each
+    daemon looks at processing/ again before every claim, so the queue never holds more
+    than the limit plus one file per other daemon (design §2), files wait in incoming/
+    meanwhile, and every job is done exactly once in the end."""
+    cfg = config(tmp_path, delay_s=0.01)
+    raw = yaml.safe_load(cfg.read_text())
+    raw["limits"] = {"max_queue_depth": 2}
+    cfg.write_text(yaml.safe_dump(raw))
+    spool = tmp_path / "spool"
+    a, b = start(daemons, cfg, "a"), start(daemons, cfg, "b")
+    ids = {f"q{i}": drop(spool, f"q{i}", 30) for i in range(12)}
+    most = 0
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and len(job_dirs(spool, "done")) < 12:
+        most = max(most, len(job_dirs(spool, "processing")))
+        time.sleep(0.005)
+    assert 2 <= most <= 3, f"{most} jobs in processing/ at once (limit 2, two daemons)"
+    done = by_source(spool)
+    assert sorted(done) == sorted(f"{name}.jsonl" for name in ids)
+    for name, job_ids in ids.items():
+        assert_done_once(done[f"{name}.jsonl"], job_ids)
+    assert a.stop() == 0 and b.stop() == 0
