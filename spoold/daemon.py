@@ -158,6 +158,10 @@ class Daemon:
         self.heartbeat = Heartbeat(cfg.heartbeat_path, beat_s, limits)
         self._lend_lease()
         self.heartbeat.on_fenced = self.wake.set
+        self.heartbeat.on_error = self._beat_failed
+        self._beat_error_said = -1e9  # when a failing heartbeat write was last logged
+        self._unfresh_since: float | None = None  # --drain: since when our lease lapsed
+        self.lease_lost = False  # --drain gave up: its heartbeat could not be written
         self.guard = GpuGuard(cfg.gpu, gpu_reader)
         self.heartbeat.sampler = lambda: {"gpu": self.guard.sample()}
         self.disk_free = disk_free or (lambda path: shutil.disk_usage(path).free)
@@ -273,6 +277,8 @@ class Daemon:
                     continue
                 if drain and len(self.model_loads) and self.run_next_job(ignore_backoff=True):
                     continue  # only jobs of models that failed to load are left: try now
+                if drain and not self._lease_holds():
+                    break
                 if drain and not self._drain_should_wait(report):
                     break
                 self._idle(report)
@@ -294,6 +300,8 @@ class Daemon:
                 log.error("jobs left in processing/ after repeated I/O errors",
                           jobs=sorted(job_id for job_id, _ in self.job_retries))  # fmt: skip
                 code = 1
+            if drain and self.lease_lost:
+                code = 1  # said when it gave up: work may be left in processing/
             if drain and self.spool.unreadable:
                 # Not everything claimable was processed: say so to cron and scripts.
                 log.error("jobs left in processing/: their records cannot be read",
@@ -373,6 +381,39 @@ class Daemon:
         self._resettle.clear()
         return True
 
+    def _beat_failed(self, error: OSError) -> None:
+        """A heartbeat could not be written (a full disk, a flaky mount): said once a
+        minute. While it lasts our lease is not fresh: nothing is committed or acquired."""
+        now = time.monotonic()
+        if now - self._beat_error_said >= 60:
+            self._beat_error_said = now
+            log.error(
+                "cannot write the heartbeat; no commit until one lands",
+                path=str(self.heartbeat.path),
+                error=str(error),
+            )
+
+    def _lease_holds(self) -> bool:
+        """--drain: False once our lease has not been fresh for stale_after_s (its
+        heartbeat cannot be written): it stops then, exit 1, rather than report as
+        drained what it could not run. Waits meanwhile (the write may come back)."""
+        lease = self.spool.lease
+        if lease.fresh() or lease.fenced:
+            self._unfresh_since = None
+            return True
+        now = time.monotonic()
+        if self._unfresh_since is None:
+            self._unfresh_since = now
+        if now - self._unfresh_since < self.cfg.heartbeat.stale_after_s:
+            return True
+        log.error(
+            "the heartbeat could not be written for heartbeat.stale_after_s; stopping the "
+            "drain with work left",
+            path=str(self.heartbeat.path),
+        )
+        self.lease_lost = True
+        return False
+
     def _refresh_lease(self) -> None:
         """A run found our lease not fresh (a pause, a hung write): beat now; raises
         Fenced if another daemon took our work over meanwhile."""
@@ -441,6 +482,8 @@ class Daemon:
             or any(f.attempts < self._drain_io_tries for _, f in self.job_retries)
             # Jobs of peers not judged yet: alive (seen beating) or dead (stale_after_s).
             or bool(self.spool.owners_undecided())
+            # Our heartbeat does not land: we acquire nothing meanwhile (_lease_holds).
+            or not self.spool.lease.fresh()
         )
 
     # -- admission ------------------------------------------------------------------

@@ -86,8 +86,10 @@ class Heartbeat:
         self.writer: Callable[[bytes], None] = write or (
             lambda data: fsio.atomic_write(self.path, data)
         )
-        # Called (from the heartbeat's thread) when a beat finds the lease fenced.
+        # Called (from the heartbeat's thread) when a beat finds the lease fenced, and
+        # when a beat cannot be written (the daemon says so, once in a while).
         self.on_fenced: Callable[[], None] | None = None
+        self.on_error: Callable[[OSError], None] | None = None
         now = utcnow()
         self._fields: dict[str, Any] = {
             "pid": os.getpid(),
@@ -161,8 +163,9 @@ class Heartbeat:
             # A full disk must not kill the daemon; the next beat retries.
             try:
                 self.write()
-            except OSError:
-                pass
+            except OSError as e:
+                if self.on_error is not None:
+                    self.on_error(e)
             except Fenced:
                 # Another daemon took our work over (design §2): the daemon starts a
                 # new incarnation and gives us its lease; until then beats fail.

@@ -116,6 +116,9 @@ class JobState:
     instance: str | None = None
     # The generation of the owner that wrote this record (design §2: owner.json's).
     owner_generation: int = 0
+    # The incarnations that may hold the result files open (design §2 step 5): each
+    # owner adds itself when it acquires the job; a copy (secure) leaves only the taker.
+    writers: list[dict[str, Any]] = field(default_factory=list)
     updated_at: str = field(default_factory=utcnow)
 
     def transition(self, status: str) -> None:

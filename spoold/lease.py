@@ -64,7 +64,11 @@ def spoold_alive(pid: object) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
-        pass  # alive, another user's
+        # Alive, another user's: with /proc mounted hidepid its cmdline cannot be
+        # read, and that must not make it dead.
+        with contextlib.suppress(OSError):
+            return b"spoold" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        return True
     try:
         return b"spoold" in Path(f"/proc/{pid}/cmdline").read_bytes()
     except FileNotFoundError:
@@ -245,31 +249,44 @@ def remove_fenced(grave: Path) -> None:
         fsio.remove_tree(grave)
 
 
-def take_record(path: Path, grave: Path, judged: bytes, new: bytes) -> bool:
+def take_record(
+    path: Path,
+    grave: Path,
+    judged: bytes,
+    new: bytes,
+    displaced: Callable[[bytes], None],
+) -> bool:
     """Replace a record judged dead (`judged`: its bytes, read once) by ours, `new`:
     rename it to `grave` (one taker wins), create ours with O_EXCL, and check the grave
-    holds what was judged (else another taker came in between: step back). True if
-    ours now."""
+    holds what was judged. True if ours now.
+
+    If the grave holds another record, a live taker got in between our look and our
+    rename, and we buried its fresh record: it is put back over ours (it keeps what it
+    won). If someone created a record meanwhile, the buried taker has lost its record
+    to that one: `displaced(buried)` must fence it (design §2), or two would hold."""
     try:
         fsio.move(path, grave)
     except FileNotFoundError:
         return False  # another taker renamed it first
+    restored = False
     try:
-        if not fsio.create_exclusive(path, new):
-            return False  # one found no record and created its own first
+        created = fsio.create_exclusive(path, new)
         try:
-            buried = grave.read_bytes()
+            buried: bytes | None = grave.read_bytes()
         except FileNotFoundError:
-            buried = None  # removed by a peer's repair: it judged us dead
-        if buried != judged:
-            # Between our look and our rename another daemon took it: we buried its
-            # fresh record. Step back; it finds itself no longer holder at its next
-            # check, and the record is taken afresh (never by two at once).
-            step_back(path, new)
+            buried = None  # removed by a recovery that fenced us
+        if buried is not None and buried != judged:
+            if created:
+                os.replace(grave, path)  # the other taker's record, back over ours
+                restored = True
+                fsio.fsync_dir(path.parent)
+            else:
+                displaced(buried)
             return False
-        return True
+        return created
     finally:
-        fsio.remove(grave)  # read; kept, one would pile up per take-over
+        if not restored:
+            fsio.remove(grave)  # read; kept, one would pile up per take-over
 
 
 def read_raw(path: Path) -> tuple[bytes | None, dict[str, Any] | None]:
@@ -395,6 +412,13 @@ class Lease:
         seen_any = False
         while True:  # a stop ends only the waiting: a free instance is taken at once
             raw, record = read_raw(path)
+            if raw is None and seen_any:
+                # Gone since we looked: another starter is taking it over right now.
+                raise InstanceTaken(
+                    f"instance {self.instance!r}: another spoold is taking this instance "
+                    f"over ({path} changed while this one watched): give each daemon on a "
+                    "spool its own instance (config key instance, or --instance)"
+                )
             if raw is None:
                 began = self.clock()
                 if fsio.create_exclusive(path, first_beat()):
@@ -436,13 +460,18 @@ class Lease:
                     fence(self.heartbeats, holder)
                 grave = self.heartbeats / f".{path.name}.{self.token}{HEARTBEAT_GRAVE_SUFFIX}"
                 began = self.clock()
-                if take_record(path, grave, raw, first_beat()):
+                if take_record(path, grave, raw, first_beat(), self._fence_displaced):
                     self.ok_at, self.beating, self.holding = began, True, True
                     return True
                 continue
             if stopping():
                 return False
             time.sleep(POLL_S)
+
+    def _fence_displaced(self, record: bytes) -> None:
+        holder = Holder.from_record(parse_record(record) or {})
+        if holder is not None and holder.token != self.token:
+            fence(self.heartbeats, holder)
 
     def release(self) -> None:
         """A clean exit: after the last heartbeat, our lease directory goes (we are

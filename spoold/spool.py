@@ -59,6 +59,7 @@ from spoold.lease import (
     heartbeat_grave_taker,
     lease_dir_name,
     parse_lease_dir,
+    parse_record,
     read_raw,
     read_record,
     remove_fenced,
@@ -290,7 +291,12 @@ class Spool:
                 if isinstance(e, FileNotFoundError):
                     return None  # another daemon's rename won
                 raise  # EXDEV, EACCES, …: the entry is still in incoming/, untouched
-        fsio.move(staging, base / state.id)  # step 4
+        try:
+            fsio.move(staging, base / state.id)  # step 4
+        except (FileNotFoundError, FileExistsError):
+            # A recovery that judged us dead finished the claim for us: the job is there.
+            if os.path.lexists(staging) or not (base / state.id).is_dir():
+                raise
         return state.id
 
     @staticmethod
@@ -363,7 +369,12 @@ class Spool:
         W3: the move only follows a terminal record that landed)."""
         self.save(job_dir, state)
         target = (self.done if state.status == COMPLETED else self.failed) / job_dir.name
-        fsio.move(job_dir, target)
+        try:
+            fsio.move(job_dir, target)
+        except (FileNotFoundError, FileExistsError):
+            # A peer's recovery completed the move (C9) while we stalled after the record.
+            if os.path.lexists(job_dir) or not target.is_dir():
+                raise
         return target
 
     def request_cancel(self, job_dir: Path) -> None:
@@ -416,6 +427,7 @@ class Spool:
         mine = self._owner_record(last + 1)
         if fsio.create_exclusive(owner_path, mine):  # step 1
             self._owned[job_dir.name] = (last + 1, mine)
+            self._secure(job_dir, None)
             self._remove_graves(job_dir)  # of takers that crashed (C10)
             return True
         raw, judged = read_raw(owner_path)  # step 2: one read; what is judged is buried
@@ -435,13 +447,10 @@ class Spool:
         gen = max(last, generation if isinstance(generation, int) else 0) + 1
         mine = self._owner_record(gen)
         grave = job_dir / f"{GRAVE_PREFIX}{self.instance}.{self.lease.token}{GRAVE_SUFFIX}"
-        if not take_record(owner_path, grave, raw, mine):  # step 4
+        if not take_record(owner_path, grave, raw, mine, self._fence_displaced):  # step 4
             return False
         self._owned[job_dir.name] = (gen, mine)
-        # Step 5: an old owner that may be alive may write on into the files it holds.
-        secured = holder is None or not holder.provably_dead()
-        if secured:
-            self._secure(job_dir)
+        secured = self._secure(job_dir, holder or Holder(""))  # step 5
         log.info(
             "job taken over",
             job_id=job_dir.name,
@@ -454,30 +463,54 @@ class Spool:
         self._remove_graves(job_dir)  # step 6: of takers that crashed (C10, C11)
         return True
 
-    def _secure(self, job_dir: Path) -> None:
-        """Give the job result files of its own (design §2 step 5): a copy of each
-        one's committed prefix, renamed over it through our lease directory. The old
-        owner's descriptors then point at files nobody reads."""
+    def _fence_displaced(self, record: bytes) -> None:
+        """A live taker's record we buried while another created its own: that taker
+        believes it holds the job and must be fenced (design §2 step 4)."""
+        holder = Holder.from_record(parse_record(record) or {})
+        if holder is not None and holder.token != self.lease.token:
+            fence(self.heartbeats, holder)
+
+    def _secure(self, job_dir: Path, took_from: Holder | None) -> bool:
+        """Step 5 (design §2): if anyone who may still hold the job's result files open
+        (its `writers`, not provably dead) is not us, give the job files of its own: a
+        copy of each one's committed prefix, renamed over it through our lease
+        directory; their descriptors then point at files nobody reads. Then we are its
+        only writer. True if it copied."""
         state = read_job(job_dir)  # after the fence: all it committed, nothing later
         if not isinstance(state, JobState) or state.status in TERMINAL:
-            return  # unreadable: never run; terminal: finished before the fence (C22)
+            return False  # unreadable: never run; terminal: finished before the fence (C22)
+        me = self.lease.identity()
+        others = [
+            w
+            for w in state.writers
+            if (h := Holder.from_record(w)) is None
+            or (h.token != self.lease.token and not h.provably_dead())
+        ]
+        if not state.writers and took_from is not None and not took_from.provably_dead():
+            others.append({})  # a record from before `writers`: its owner counts
         ck = state.checkpoint
-        for name, keep in ((OUTPUT, ck.output_bytes), (ERRORS, ck.errors_bytes)):
-            path = job_dir / name
-            if not path.exists() and not keep:
-                continue
-            try:
-                self.lease.write(path, fsio.prefix_blocks(path, keep))
-            except (FileNotFoundError, ValueError) as e:
-                # Missing or shorter than its checkpoint: left as it is; the run says
-                # so loudly (AppendLog), and the job fails rather than lose a line.
-                log.error("result file not as committed", job_id=state.id, error=str(e))
-        if state.attempts > 0 and state.status == RUNNING:
+        if others:
+            for name, keep in ((OUTPUT, ck.output_bytes), (ERRORS, ck.errors_bytes)):
+                path = job_dir / name
+                if not path.exists() and not keep:
+                    continue
+                try:
+                    self.lease.write(path, fsio.prefix_blocks(path, keep))
+                except (FileNotFoundError, ValueError) as e:
+                    # Missing or shorter than its checkpoint: left as it is; the run says
+                    # so loudly (AppendLog), and the job fails rather than lose a line.
+                    log.error("result file not as committed", job_id=state.id, error=str(e))
+        contested = took_from is not None and not took_from.provably_dead()
+        if contested and state.attempts > 0 and state.status == RUNNING:
             # A stall is not a crash of the job: the old owner's attempt is given back
             # (its crash evidence is kept: a request that hangs or kills whole hosts is
             # still isolated, design §5a).
             state.attempts -= 1
-            self.save(job_dir, state)
+        elif not others and state.writers == [me]:
+            return False
+        state.writers = [me]
+        self.save(job_dir, state)
+        return bool(others)
 
     def owners_undecided(self) -> list[str]:
         """Unfinished jobs held by an incarnation we have not judged yet either way (its
@@ -520,6 +553,8 @@ class Spool:
             instance, _, token = name[len(GRAVE_PREFIX) : -len(GRAVE_SUFFIX)].rpartition(".")
             taker = Holder.from_record({"instance": instance, "token": token})
             if taker is None or self._gone(taker, "", None):
+                if taker is not None and taker.token != self.lease.token:
+                    fence(self.heartbeats, taker)  # it may be between its rename and read
                 fsio.remove(entry)
 
     # -- recovery (design §7) -----------------------------------------------------
