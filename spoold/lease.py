@@ -204,6 +204,10 @@ class Observer:
         if holder.provably_dead():
             return Verdict.DEAD
         beat = self.beat(holder.instance)
+        if holder.token is None and not (self.heartbeats / f"{holder.instance}.json").exists():
+            # A record of a spoold before incarnations (or written by hand) whose instance
+            # never beat here: every daemon writes its heartbeat before it owns anything.
+            return Verdict.DEAD
         if (
             beat is not None
             and beat.get("token") == holder.token  # both None: a spoold before tokens
