@@ -8,6 +8,11 @@ Both on a real `state.json` of a 200K-request job's size, interleaved rounds,
 medians (these machines are noisy: ±20%).
 
     .venv/bin/python bench/bench_fencing.py [--commits 2000] [--rounds 7]
+    .venv/bin/python bench/bench_fencing.py --against DIR   # + 200K drains, DIR vs this tree
+
+`--against DIR` (a checkout of the commit before fencing: `git worktree add DIR
+0bc20d3`) also runs a 200,000-request job through `spoold run --drain` (fake engine
+at zero delay, bench_spool.py's job and config) with each tree in turn, interleaved.
 """
 
 from __future__ import annotations
@@ -15,7 +20,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -61,10 +68,57 @@ def _fenced(spool: Spool, job: Path, state: JobState, n: int) -> float:
     return (time.perf_counter() - start) / n
 
 
+def _drain(tree: Path, spool_cfg: Path) -> tuple[float, float]:
+    """Wall and CPU seconds of one `spoold run --drain` with the code of `tree`."""
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "spoold", "run", "--config", str(spool_cfg), "--drain"],
+        cwd=tree,
+        env=env,
+        stdout=subprocess.DEVNULL,
+    )
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"spoold from {tree} failed")
+    return wall, usage.ru_utime + usage.ru_stime
+
+
+def drains(against: Path, n: int, rounds: int) -> None:
+    """A 200K-request job, drained by the code of `against` and of this tree in turn."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from bench_spool import spool_config, write_job
+
+    times: dict[str, list[tuple[float, float]]] = {"before": [], "fenced": []}
+    with tempfile.TemporaryDirectory(dir=ROOT) as tmp:
+        src = Path(tmp) / "job.jsonl"
+        write_job(src, n)
+        for r in range(rounds):
+            order = [("before", against), ("fenced", ROOT)]
+            for tag, tree in order if r % 2 == 0 else order[::-1]:
+                where = Path(tmp) / f"{tag}{r}"
+                cfg = spool_config(where)
+                shutil.copy(src, where / "spool" / "incoming" / "job.jsonl")
+                times[tag].append(_drain(tree, cfg))
+                shutil.rmtree(where)
+    for tag, runs in times.items():
+        walls, cpus = [w for w, _ in runs], [c for _, c in runs]
+        print(f"{n} requests, {tag}: wall {' '.join(f'{w:.2f}' for w in walls)} s "
+              f"(median {statistics.median(walls):.2f}), CPU median "
+              f"{statistics.median(cpus):.2f} s")  # fmt: skip
+    b = statistics.median(w for w, _ in times["before"])
+    a = statistics.median(w for w, _ in times["fenced"])
+    print(f"fenced / before: {a / b:.3f} (wall medians)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--commits", type=int, default=2000)
     ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--against", type=Path, help="a checkout of the code before fencing")
+    ap.add_argument("--requests", type=int, default=200_000)
+    ap.add_argument("--drain-rounds", type=int, default=4)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(dir=ROOT) as tmp:
         spool = Spool(Path(tmp) / "spool", "bench")
@@ -90,6 +144,8 @@ def main() -> None:
     print(f"difference: {(a - b) * 1e6:+.0f} µs per commit, {(a / b - 1) * 100:+.1f}%; "
           f"{(a - b) * WRITES_PER_200K_JOB * 1e3:+.1f} ms per 200K-request job "
           f"({WRITES_PER_200K_JOB} writes)")  # fmt: skip
+    if args.against is not None:
+        drains(args.against.resolve(), args.requests, args.drain_rounds)
 
 
 if __name__ == "__main__":
