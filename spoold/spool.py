@@ -63,7 +63,6 @@ from spoold.lease import (
     read_raw,
     read_record,
     remove_fenced,
-    step_back,
     take_record,
 )
 
@@ -534,12 +533,6 @@ class Spool:
     def still_owner(self, job_dir: Path) -> bool:
         """owner.json names this incarnation (its token)."""
         return self._owner(job_dir).get("token") == self.lease.token
-
-    def let_go(self, job_dir: Path) -> None:
-        """Remove owner.json if it is still ours (a job we will not run after all)."""
-        owned = self._owned.pop(job_dir.name, None)
-        if owned is not None:
-            step_back(job_dir / OWNER, owned[1])
 
     def _remove_graves(self, job_dir: Path) -> None:
         """Remove the graves (design §2) left by takers that crashed before removing
