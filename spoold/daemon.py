@@ -275,8 +275,12 @@ class Daemon:
                     continue
                 if ran:
                     continue
-                if drain and len(self.model_loads) and self.run_next_job(ignore_backoff=True):
-                    continue  # only jobs of models that failed to load are left: try now
+                try:
+                    if drain and len(self.model_loads) and self.run_next_job(ignore_backoff=True):
+                        continue  # only jobs of models that failed to load are left: try now
+                except Fenced as e:
+                    self._fenced(e)
+                    continue
                 if drain and not self._lease_holds():
                     break
                 if drain and not self._drain_should_wait(report):

@@ -261,25 +261,30 @@ def take_record(
     displaced: Callable[[bytes], None],
 ) -> bool:
     """Replace a record judged dead (`judged`: its bytes, read once) by ours, `new`:
-    rename it to `grave` (one taker wins), create ours with O_EXCL, and check the grave
-    holds what was judged. True if ours now.
+    rename it to `grave` (in the taker's own lease directory: a taker fenced meanwhile
+    can neither bury nor put back), create ours with O_EXCL, check the grave holds what
+    was judged, and that `path` still holds ours. True if ours now.
 
     If the grave holds another record, a live taker got in between our look and our
     rename, and we buried its fresh record: it is put back over ours (it keeps what it
     won). If someone created a record meanwhile, the buried taker has lost its record
-    to that one: `displaced(buried)` must fence it (design §2), or two would hold."""
+    to that one: `displaced(buried)` must fence it (design §2), or two would hold. A
+    taker whose record we buried before it was written finds, at its own last check,
+    that `path` no longer holds its record, and steps back."""
     try:
         fsio.move(path, grave)
     except FileNotFoundError:
-        return False  # another taker renamed it first
+        return False  # another taker renamed it first (or we are fenced: no grave dir)
     restored = False
     try:
         created = fsio.create_exclusive(path, new)
         try:
             buried: bytes | None = grave.read_bytes()
         except FileNotFoundError:
-            buried = None  # removed by a recovery that fenced us
-        if buried is not None and buried != judged:
+            buried = None  # our lease dir was fenced: we are dead to everyone
+        if buried is None:
+            return False
+        if buried != judged:
             if created:
                 os.replace(grave, path)  # the other taker's record, back over ours
                 restored = True
@@ -287,10 +292,18 @@ def take_record(
             else:
                 displaced(buried)
             return False
-        return created
+        return created and holds(path, new)
     finally:
         if not restored:
             fsio.remove(grave)  # read; kept, one would pile up per take-over
+
+
+def holds(path: Path, mine: bytes) -> bool:
+    """Whether `path` holds our record now (a taker's last check, design §2 step 4)."""
+    try:
+        return path.read_bytes() == mine
+    except FileNotFoundError:
+        return False
 
 
 def read_raw(path: Path) -> tuple[bytes | None, dict[str, Any] | None]:
@@ -462,7 +475,7 @@ class Lease:
             if dead:
                 if holder is not None:
                     fence(self.heartbeats, holder)
-                grave = self.heartbeats / f".{path.name}.{self.token}{HEARTBEAT_GRAVE_SUFFIX}"
+                grave = self.dir / f"{path.name}{HEARTBEAT_GRAVE_SUFFIX}"
                 began = self.clock()
                 if take_record(path, grave, raw, first_beat(), self._fence_displaced):
                     self.ok_at, self.beating, self.holding = began, True, True

@@ -57,6 +57,7 @@ from spoold.lease import (
     Observer,
     fence,
     heartbeat_grave_taker,
+    holds,
     lease_dir_name,
     parse_lease_dir,
     parse_record,
@@ -425,6 +426,8 @@ class Spool:
         self.lease.ensure_dir()
         mine = self._owner_record(last + 1)
         if fsio.create_exclusive(owner_path, mine):  # step 1
+            if not holds(owner_path, mine):
+                return False  # buried before our last check by a taker of the last owner
             self._owned[job_dir.name] = (last + 1, mine)
             self._secure(job_dir, None)
             self._remove_graves(job_dir)  # of takers that crashed (C10)
@@ -445,7 +448,7 @@ class Spool:
         generation = judged.get("generation") if judged else None
         gen = max(last, generation if isinstance(generation, int) else 0) + 1
         mine = self._owner_record(gen)
-        grave = job_dir / f"{GRAVE_PREFIX}{self.instance}.{self.lease.token}{GRAVE_SUFFIX}"
+        grave = self.lease.dir / f"{OWNER}.{job_dir.name}{GRAVE_SUFFIX}"
         if not take_record(owner_path, grave, raw, mine, self._fence_displaced):  # step 4
             return False
         self._owned[job_dir.name] = (gen, mine)
@@ -479,6 +482,15 @@ class Spool:
         if not isinstance(state, JobState) or state.status in TERMINAL:
             return False  # unreadable: never run; terminal: finished before the fence (C22)
         me = self.lease.identity()
+        for writer in state.writers:
+            # Every earlier owner must be harmless before we read what it committed:
+            # its taker fenced it, unless a race left one unfenced (design §2 step 5).
+            h = Holder.from_record(writer)
+            if h is not None and h.token != self.lease.token:
+                fence(self.heartbeats, h)
+        state = read_job(job_dir)
+        if not isinstance(state, JobState) or state.status in TERMINAL:
+            return False
         others = [
             w
             for w in state.writers

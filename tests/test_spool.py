@@ -227,7 +227,7 @@ def test_two_daemons_taking_over_one_stale_job_at_once_do_not_both_own_it(
     raced = []
 
     def move(src: Path, dst: Path) -> None:
-        if not raced and dst.name.startswith("owner.json.b."):
+        if not raced and dst.parent == b.lease.dir and dst.name.startswith("owner.json."):
             raced.append(True)
             assert a.acquire(job)  # a, in between b's look and rename
         real_move(src, dst)
