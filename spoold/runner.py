@@ -243,6 +243,10 @@ class Runner:
                 raise
             return QUEUED
         except OSError as e:
+            if not self.spool.lease.dir.is_dir():
+                # A file in our lease dir (a unique-id bucket) went with a fence.
+                self.spool.lease.fenced = True
+                raise Fenced(f"{self.spool.lease.dir} is gone: {e}") from e
             # Nothing past the checkpoint counts, so the chunk (or the validation) is
             # redone later. A full disk or a flaky mount is not the job's fault: the
             # attempt is given back. Other errors (EINVAL, EISDIR…) will not pass by

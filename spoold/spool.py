@@ -635,7 +635,9 @@ class Spool:
                 if beat.get("token") == token:
                     if self.observer.gone(Holder.from_record(beat) or holder):
                         fence(self.heartbeats, holder)
-                elif self.observer.stale(f"orphan:{name}", "unnamed"):
+                elif self.observer.unchanged_for(f"orphan:{name}", "unnamed") >= (
+                    2 * self.stale_after_s  # a starter may wait stale_after_s to be named
+                ):
                     fence(self.heartbeats, holder)
 
     def _repair_job(self, d: Path) -> None:
