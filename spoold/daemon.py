@@ -160,7 +160,6 @@ class Daemon:
         self.heartbeat.on_fenced = self.wake.set
         self.heartbeat.on_error = self._beat_failed
         self._beat_error_said = -1e9  # when a failing heartbeat write was last logged
-        self._unfresh_since: float | None = None  # --drain: since when our lease lapsed
         self.lease_lost = False  # --drain gave up: its heartbeat could not be written
         self.guard = GpuGuard(cfg.gpu, gpu_reader)
         self.heartbeat.sampler = lambda: {"gpu": self.guard.sample()}
@@ -216,14 +215,20 @@ class Daemon:
         # Not a crash of the job (SPEC §3): its attempt is given back, under the commit
         # lock so that no commit is half done (design §3). A commit stuck in a hung
         # fsync keeps the lock: then the attempt stays counted, and we go anyway.
-        job_dir = self._current_dir
-        if job_dir is not None and self.hooks.commit_lock.acquire(timeout=2.0):
-            with contextlib.suppress(OSError, ValueError, Fenced):
-                if self.spool.still_owner(job_dir):
-                    give_back(self.spool, job_dir)
-        with contextlib.suppress(OSError):
-            self.heartbeat.stop("stopped", reason=f"{self.stop_reason}; stop timeout")
-        os._exit(0)
+        # Whatever fails here (a fence, a full disk), the process exits: this thread is
+        # the stop's last resort.
+        try:
+            job_dir = self._current_dir
+            if job_dir is not None and self.hooks.commit_lock.acquire(timeout=2.0):
+                with contextlib.suppress(Exception):
+                    if self.spool.still_owner(job_dir):
+                        give_back(self.spool, job_dir)
+            with contextlib.suppress(Exception):
+                self.heartbeat.stop("stopped", reason=f"{self.stop_reason}; stop timeout")
+            with contextlib.suppress(Exception):
+                self.spool.lease.release()
+        finally:
+            os._exit(0)
 
     def run(self, drain: bool = False) -> int:
         """recover → (admit → run one job)* until stopped (or drained). The exit code."""
@@ -256,6 +261,7 @@ class Daemon:
                 self.notifier.watchdog()
                 if self.spool.lease.fenced and not self._reincarnate():
                     break
+                self._watch_lease()
                 self._take_over_dead_peers()
                 report = self.admit()
                 try:
@@ -397,18 +403,31 @@ class Daemon:
                 error=str(error),
             )
 
-    def _lease_holds(self) -> bool:
-        """--drain: False once our lease has not been fresh for stale_after_s (its
-        heartbeat cannot be written): it stops then, exit 1, rather than report as
-        drained what it could not run. Waits meanwhile (the write may come back)."""
+    def _watch_lease(self) -> None:
+        """Say so when our heartbeat lands but too late to keep the lease fresh (a write
+        slower than stale_after_s / 2): the daemon then commits and acquires nothing,
+        and its peers still see it alive."""
         lease = self.spool.lease
-        if lease.fresh() or lease.fenced:
-            self._unfresh_since = None
+        slow = lease.last_write_s >= self.cfg.heartbeat.stale_after_s / 2
+        self._problem(
+            "lease",
+            f"heartbeat writes take {lease.last_write_s:.1f} s, more than half of "
+            f"heartbeat.stale_after_s ({self.cfg.heartbeat.stale_after_s:g} s): nothing is "
+            "committed or started until they are faster (a slow or hung spool filesystem)"
+            if slow
+            else None,
+        )
+
+    def _lease_holds(self) -> bool:
+        """--drain: False once no heartbeat has landed for stale_after_s past the end of
+        our lease's freshness (it cannot be written): it stops then, exit 1, rather than
+        report as drained what it could not run. Waits meanwhile (the write may come
+        back)."""
+        lease = self.spool.lease
+        if lease.fresh() or lease.fenced or lease.ok_at is None:
             return True
-        now = time.monotonic()
-        if self._unfresh_since is None:
-            self._unfresh_since = now
-        if now - self._unfresh_since < self.cfg.heartbeat.stale_after_s:
+        stale_after_s = self.cfg.heartbeat.stale_after_s
+        if time.monotonic() - lease.ok_at < 1.5 * stale_after_s:
             return True
         log.error(
             "the heartbeat could not be written for heartbeat.stale_after_s; stopping the "

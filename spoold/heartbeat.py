@@ -159,7 +159,11 @@ class Heartbeat:
         self._thread.start()
 
     def _loop(self) -> None:
-        while not self._stop.wait(self.interval_s):
+        # Beats are due interval_s after the last one *began*: a slow write does not
+        # stretch the gap between the moments that keep the lease fresh (design §2).
+        began = time.monotonic()
+        while not self._stop.wait(max(0.0, began + self.interval_s - time.monotonic())):
+            began = time.monotonic()
             # A full disk must not kill the daemon; the next beat retries.
             try:
                 self.write()

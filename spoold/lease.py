@@ -360,6 +360,7 @@ class Lease:
         self.made = False
         self.beating = False  # a daemon's lease: fresh only while its heartbeats land
         self.holding = False  # the instance lease is ours: our heartbeat is ours to write
+        self.last_write_s = 0.0  # how long the last heartbeat write took
 
     @property
     def heartbeat_path(self) -> Path:
@@ -416,6 +417,7 @@ class Lease:
         began = self.clock()
         self.write(self.heartbeat_path, data)
         self.ok_at = began
+        self.last_write_s = self.clock() - began
         self.beating = True
 
     def claim_instance(

@@ -232,6 +232,9 @@ class Runner:
                 run = execution.go()
                 if run.halt is None:
                     self._check_books(job_dir, state, execution)
+            # Inside the try: a give-back or a filing that meets a full disk or a flaky
+            # mount is handled like any other I/O error of the run (below).
+            return self._after_run(job_dir, state, run.halt, jlog)
         except JobFailed as e:
             state.error = str(e)
             return self._finish(job_dir, state, FAILED, jlog)
@@ -259,14 +262,19 @@ class Runner:
                 raise DiskFull(str(e)) from e
             jlog.error("I/O error; the job will resume from its checkpoint", error=str(e))
             raise IOFailure(f"{type(e).__name__}: {e}") from e
-        if run.halt == "lost":
+
+    def _after_run(
+        self, job_dir: Path, state: JobState, halt: str | None, jlog: structlog.BoundLogger
+    ) -> str:
+        """What a run that ended (or was halted, `halt`) leaves: filed, or queued again."""
+        if halt == "lost":
             jlog.warning("another daemon took this job over; stopped without committing")
             return RUNNING
-        if run.halt == "changed":
+        if halt == "changed":
             jlog.warning("the input changed after the claim; the job waits for it to settle")
             give_back(self.spool, job_dir)
             return QUEUED
-        if run.halt == "lapsed":
+        if halt == "lapsed":
             # Our lease was not fresh at a commit (design §2): nothing was committed.
             # Beat now (Fenced if we were taken over meanwhile), give the attempt back;
             # the daemon acquires the job again before going on.
@@ -274,9 +282,9 @@ class Runner:
             self.hooks.refresh()
             give_back(self.spool, job_dir)
             return QUEUED
-        if run.halt == "cancel":
+        if halt == "cancel":
             return self._finish(job_dir, state, CANCELLED, jlog)
-        if run.halt == "stop":
+        if halt == "stop":
             give_back(self.spool, job_dir)  # a clean stop is not a crash
             jlog.info("job paused for shutdown", completed=state.request_counts.completed)
             return QUEUED
