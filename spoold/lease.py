@@ -429,15 +429,22 @@ class Lease:
         path = self.heartbeat_path
         first: object = None
         seen_any = False
+        vanished_at: float | None = None
+        unreadable_tries = 0
         while True:  # a stop ends only the waiting: a free instance is taken at once
             raw, record = read_raw(path)
             if raw is None and seen_any:
-                # Gone since we looked: another starter is taking it over right now.
-                raise InstanceTaken(
-                    f"instance {self.instance!r}: another spoold is taking this instance "
-                    f"over ({path} changed while this one watched): give each daemon on a "
-                    "spool its own instance (config key instance, or --instance)"
-                )
+                # Gone since we looked: another starter is taking it over right now. Its
+                # record is due at once (then we name it, below); one that never comes
+                # is a starter that died in the middle (L2): then the name is free.
+                now = self.clock()
+                vanished_at = now if vanished_at is None else vanished_at
+                if now - vanished_at < self.stale_after_s:
+                    if stopping():
+                        return False
+                    time.sleep(POLL_S)
+                    continue
+                seen_any, vanished_at = False, None
             if raw is None:
                 began = self.clock()
                 if fsio.create_exclusive(path, first_beat()):
@@ -447,7 +454,12 @@ class Lease:
             holder = Holder.from_record(record or {})
             fingerprint = _fingerprint(record) if record is not None else raw
             if seen_any and fingerprint != first:
-                # The record changed while we watched: its writer is alive.
+                # The record changed while we watched: its writer is alive. One caught
+                # half written (not spoold's own atomic replace) is read again, to name it.
+                if holder is None and unreadable_tries < 20:
+                    unreadable_tries += 1
+                    time.sleep(POLL_S)
+                    continue
                 who = holder.describe() if holder is not None else "another daemon"
                 raise InstanceTaken(
                     f"instance {self.instance!r}: another spoold runs as this instance "

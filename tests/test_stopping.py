@@ -281,7 +281,9 @@ def _beat(spool: Path, **fields: Any) -> None:
         **fields,
     }
     (spool / "heartbeats").mkdir(parents=True, exist_ok=True)
-    (spool / "heartbeats" / "default.json").write_text(json.dumps(beat))
+    tmp = spool / "heartbeats" / ".beat-by-test.tmp"  # replaced whole, as spoold does
+    tmp.write_text(json.dumps(beat))
+    os.replace(tmp, spool / "heartbeats" / "default.json")
 
 
 def test_a_stopping_daemon_is_still_alive_for_spool_status(tmp_path: Path) -> None:
