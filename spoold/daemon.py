@@ -237,10 +237,10 @@ class Daemon:
         try:
             claimed = self._claim_instance()
         except InstanceTaken:
-            self._quit_unclaimed()
+            self._let_go()  # without the instance lease: no heartbeat is ours
             raise
         if not claimed:  # asked to stop while waiting for the instance
-            self._quit_unclaimed()
+            self._let_go()  # without the instance lease: no heartbeat is ours
             return 0
         self.heartbeat.start()  # before recovery, which may take a while
         self.spool.recover()
@@ -353,15 +353,18 @@ class Daemon:
             self.stop_requested.is_set,
         )
 
-    def _quit_unclaimed(self) -> None:
-        """Exit without the instance lease: no heartbeat is ours to write."""
+    def _let_go(self) -> None:
+        """The last of an exit: our lease directory goes, the signals are let go, the
+        stop timer has nothing left to abandon."""
         self.spool.lease.release()
         if self._signals is not None:
+            # The process is on its way out: a late SIGTERM must not kill it (it
+            # exits 0), so the signals keep doing nothing.
             self._signals.close(restore_handlers=False)
             self._signals = None
         with self._stop_lock:
             if self._stop_timer is not None:
-                self._stop_timer.cancel()
+                self._stop_timer.cancel()  # stopped in time: nothing to abandon
 
     def _fenced(self, error: Exception) -> None:
         """A write found our lease directory gone: another daemon judged us dead and took
@@ -463,15 +466,7 @@ class Daemon:
                 self.heartbeat.stop("stopped", reason=reason)
             except (OSError, Fenced) as e:  # a full disk: the exit is clean all the same
                 log.warning("cannot write the last heartbeat", error=str(e))
-            self.spool.lease.release()
-            if self._signals is not None:
-                # The process is on its way out: a late SIGTERM must not kill it (it
-                # exits 0), so the signals keep doing nothing.
-                self._signals.close(restore_handlers=False)
-                self._signals = None
-            with self._stop_lock:
-                if self._stop_timer is not None:
-                    self._stop_timer.cancel()  # stopped in time: nothing to abandon
+            self._let_go()
         log.info("spoold stopped", reason=reason)
 
     def _stopped_because(self, code: int) -> str:

@@ -27,12 +27,14 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_synced(fd: int, data: bytes) -> None:
-    """Write all of `data` to `fd`, fsync it, and close it (also when that fails)."""
+def _write_synced(fd: int, data: bytes | Iterable[bytes]) -> None:
+    """Write all of `data` (bytes, or blocks of them) to `fd`, fsync it, and close it
+    (also when that fails)."""
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
+        for block in (data,) if isinstance(data, bytes) else data:
+            view = memoryview(block)
+            while view:
+                view = view[os.write(fd, view) :]
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -41,6 +43,10 @@ def _write_synced(fd: int, data: bytes) -> None:
 class Fenced(Exception):
     """This incarnation's lease directory is gone: another daemon judged it dead and
     took its claims over (design §2). Nothing it writes lands any more."""
+
+    @classmethod
+    def gone(cls, lease_dir: Path) -> Fenced:
+        return cls(f"{lease_dir} is gone: another daemon took this one's work over")
 
 
 def atomic_write(path: Path, data: bytes | Iterable[bytes], via: Path | None = None) -> None:
@@ -55,20 +61,10 @@ def atomic_write(path: Path, data: bytes | Iterable[bytes], via: Path | None = N
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     except FileNotFoundError:
         if via is not None and not os.path.isdir(via):
-            raise Fenced(f"{via} is gone: another daemon took this one's work over") from None
+            raise Fenced.gone(via) from None
         raise
     try:
-        if isinstance(data, bytes):
-            _write_synced(fd, data)
-        else:
-            try:
-                for block in data:
-                    view = memoryview(block)
-                    while view:
-                        view = view[os.write(fd, view) :]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+        _write_synced(fd, data)
         os.rename(tmp, path)
     except BaseException as e:
         if isinstance(e, OSError) and _renamed_after_all(tmp, where):
@@ -79,7 +75,7 @@ def atomic_write(path: Path, data: bytes | Iterable[bytes], via: Path | None = N
         with contextlib.suppress(OSError):
             tmp.unlink()
         if via is not None and not os.path.isdir(via):
-            raise Fenced(f"{via} is gone: another daemon took this one's work over") from e
+            raise Fenced.gone(via) from e
         raise
     fsync_dir(path.parent)
 

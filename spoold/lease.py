@@ -391,7 +391,7 @@ class Lease:
         """The fence check (design §2 W2): raise Fenced if our lease directory is gone."""
         if self.fenced or not self.dir.is_dir():
             self.fenced = True
-            raise Fenced(f"{self.dir} is gone: another daemon took this one's work over")
+            raise Fenced.gone(self.dir)
 
     def fresh(self) -> bool:
         """Whether we may commit: our last heartbeat began less than stale_after_s / 2
@@ -461,12 +461,7 @@ class Lease:
                     time.sleep(POLL_S)
                     continue
                 who = holder.describe() if holder is not None else "another daemon"
-                raise InstanceTaken(
-                    f"instance {self.instance!r}: another spoold runs as this instance "
-                    f"({who}; its heartbeat {path} changed while this one watched): give "
-                    "each daemon on a spool its own instance (config key instance, or "
-                    "--instance)"
-                )
+                raise self._taken(f"{who}; its heartbeat {path} changed while this one watched")
             if not seen_any:
                 first, seen_any = fingerprint, True
             if holder is not None and holder.token == self.token:
@@ -477,11 +472,7 @@ class Lease:
                 and running_here(holder)
                 and observer.judge(holder) is Verdict.ALIVE
             ):
-                raise InstanceTaken(
-                    f"instance {self.instance!r}: another spoold runs as this instance "
-                    f"({holder.describe()}): give each daemon on a spool its own instance "
-                    "(config key instance, or --instance)"
-                )
+                raise self._taken(holder.describe())
             if holder is None:  # unreadable: judged by its bytes
                 dead = observer.stale(f"record:{path}", raw)
             else:
@@ -491,7 +482,7 @@ class Lease:
                     fence(self.heartbeats, holder)
                 grave = self.dir / f"{path.name}{HEARTBEAT_GRAVE_SUFFIX}"
                 began = self.clock()
-                if take_record(path, grave, raw, first_beat(), self._fence_displaced):
+                if take_record(path, grave, raw, first_beat(), self.fence_displaced):
                     self.ok_at, self.beating, self.holding = began, True, True
                     return True
                 continue
@@ -499,7 +490,17 @@ class Lease:
                 return False
             time.sleep(POLL_S)
 
-    def _fence_displaced(self, record: bytes) -> None:
+    def _taken(self, who: str) -> InstanceTaken:
+        return InstanceTaken(
+            f"instance {self.instance!r}: another spoold runs as this instance ({who}): "
+            "give each daemon on a spool its own instance (config key instance, or "
+            "--instance)"
+        )
+
+    def fence_displaced(self, record: bytes) -> None:
+        """`take_record`'s `displaced`: a live taker's record we buried while another
+        created its own; that taker believes it holds the record and must be fenced
+        (design §2 step 4). Never ourselves."""
         holder = Holder.from_record(parse_record(record) or {})
         if holder is not None and holder.token != self.token:
             fence(self.heartbeats, holder)

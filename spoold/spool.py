@@ -60,7 +60,6 @@ from spoold.lease import (
     holds,
     lease_dir_name,
     parse_lease_dir,
-    parse_record,
     read_raw,
     read_record,
     remove_fenced,
@@ -449,7 +448,7 @@ class Spool:
         gen = max(last, generation if isinstance(generation, int) else 0) + 1
         mine = self._owner_record(gen)
         grave = self.lease.dir / f"{OWNER}.{job_dir.name}{GRAVE_SUFFIX}"
-        if not take_record(owner_path, grave, raw, mine, self._fence_displaced):  # step 4
+        if not take_record(owner_path, grave, raw, mine, self.lease.fence_displaced):  # step 4
             return False
         self._owned[job_dir.name] = (gen, mine)
         secured = self._secure(job_dir, holder or Holder(""))  # step 5
@@ -464,13 +463,6 @@ class Spool:
         )
         self._remove_graves(job_dir)  # step 6: of takers that crashed (C10, C11)
         return True
-
-    def _fence_displaced(self, record: bytes) -> None:
-        """A live taker's record we buried while another created its own: that taker
-        believes it holds the job and must be fenced (design §2 step 4)."""
-        holder = Holder.from_record(parse_record(record) or {})
-        if holder is not None and holder.token != self.lease.token:
-            fence(self.heartbeats, holder)
 
     def _secure(self, job_dir: Path, took_from: Holder | None) -> bool:
         """Step 5 (design §2): if anyone who may still hold the job's result files open
