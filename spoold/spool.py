@@ -435,17 +435,16 @@ class Spool:
         if raw is None:
             return False  # stepped back meanwhile: next pass
         holder = Holder.from_record(judged) if judged is not None else None
+        generation = judged.get("generation") if judged else None
+        prior = generation if isinstance(generation, int) else None
         if holder is not None and holder.token == self.lease.token:
-            generation = judged.get("generation") if judged else None
-            gen = generation if isinstance(generation, int) else last + 1
-            self._owned[job_dir.name] = (gen, raw)
+            self._owned[job_dir.name] = (last + 1 if prior is None else prior, raw)
             return True  # ours already
         if not self._gone(holder, f"owner:{job_dir}", raw):
             return False
         if holder is not None:
             fence(self.heartbeats, holder)  # step 3
-        generation = judged.get("generation") if judged else None
-        gen = max(last, generation if isinstance(generation, int) else 0) + 1
+        gen = max(last, prior or 0) + 1
         mine = self._owner_record(gen)
         grave = self.lease.dir / f"{OWNER}.{job_dir.name}{GRAVE_SUFFIX}"
         if not take_record(owner_path, grave, raw, mine, self.lease.fence_displaced):  # step 4
@@ -489,7 +488,8 @@ class Spool:
             if (h := Holder.from_record(w)) is None
             or (h.token != self.lease.token and not h.provably_dead())
         ]
-        if not state.writers and took_from is not None and not took_from.provably_dead():
+        contested = took_from is not None and not took_from.provably_dead()
+        if not state.writers and contested:
             others.append({})  # a record from before `writers`: its owner counts
         ck = state.checkpoint
         if others:
@@ -503,7 +503,6 @@ class Spool:
                     # Missing or shorter than its checkpoint: left as it is; the run says
                     # so loudly (AppendLog), and the job fails rather than lose a line.
                     log.error("result file not as committed", job_id=state.id, error=str(e))
-        contested = took_from is not None and not took_from.provably_dead()
         if contested and state.attempts > 0 and state.status == RUNNING:
             # A stall is not a crash of the job: the old owner's attempt is given back
             # (its crash evidence is kept: a request that hangs or kills whole hosts is
