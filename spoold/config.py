@@ -311,6 +311,27 @@ def resolve_config_path(arg: str | None) -> Path:
     return Path(env) if env else DEFAULT_CONFIG_PATH
 
 
+def config_for(config: str | None, spool: str | None) -> Config:
+    """The config every command uses (SPEC §5): `--config PATH`, else $SPOOLD_CONFIG, else
+    /etc/spoold/spoold.yaml; `--spool DIR` overrides its `spool_dir`. A file that was named
+    must exist; the default one may be absent when `--spool` says where the spool is (the
+    defaults apply then)."""
+    path = resolve_config_path(config)
+    named = bool(config or os.environ.get("SPOOLD_CONFIG"))
+    if named or path.exists():
+        cfg = load_config(path)
+    elif spool:
+        cfg = Config()
+    else:
+        raise ConfigError(
+            f"{path}: config file not found: pass --config PATH, set SPOOLD_CONFIG, "
+            "or name the spool with --spool DIR (the defaults apply then)"
+        )
+    if spool:
+        cfg.spool_dir = Path(spool)
+    return cfg
+
+
 def load_config(path: Path) -> Config:
     """Read and check a YAML config file."""
     try:
