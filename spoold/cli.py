@@ -1,4 +1,9 @@
-"""`spoold …`: argument parsing only; the work is done by the modules it calls."""
+"""spoold: a filesystem spool daemon for batch LLM inference.
+
+Drop OpenAI-Batch-format JSONL files into <spool>/incoming/ (scp, rsync, a shared drive,
+or `spoold submit`); `spoold run` claims each one, runs it through the engine in chunks,
+commits results with fsync, survives crashes without losing or repeating a result, and
+files the job under done/ or failed/. `spool-status` shows how it is going."""
 
 from __future__ import annotations
 
@@ -9,15 +14,13 @@ import signal
 import sys
 from pathlib import Path
 
-from spoold.config import Config, ConfigError, load_config, parse_config, resolve_config_path
+from spoold.config import Config, ConfigError, config_for, parse_config, resolve_config_path
 
 EXIT_USAGE = 2
 
 
 def _load(args: argparse.Namespace) -> Config:
-    cfg = load_config(resolve_config_path(args.config))
-    if getattr(args, "spool", None):
-        cfg.spool_dir = Path(args.spool)
+    cfg = config_for(args.config, getattr(args, "spool", None))
     if getattr(args, "instance", None):
         cfg.instance = args.instance
         parse_config({"instance": args.instance}, "--instance")  # same rules as the key
@@ -121,11 +124,10 @@ def cmd_retry(args: argparse.Namespace) -> int:
     cfg = _load(args)
     spool = Spool(cfg.spool_dir, cfg.instance)
     try:
-        name, count = retry_job(spool, args.job_id, cfg.limits.max_line_bytes)
+        print(retry_job(spool, args.job_id, cfg.limits.max_line_bytes))
     except (SubmitError, OSError) as e:
         print(f"spoold retry: {e}", file=sys.stderr)
         return 1
-    print(f"{spool.incoming / name} ({count} requests)")
     return 0
 
 
@@ -180,45 +182,91 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="spoold", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+CONFIG_HELP = (
+    "config file (default: $SPOOLD_CONFIG, else /etc/spoold/spoold.yaml; with --spool and "
+    "no config file, the defaults apply)"
+)
+SPOOL_HELP = "the spool directory (overrides spool_dir in the config)"
 
-    run = sub.add_parser("run", help="run the daemon in the foreground")
-    run.add_argument(
-        "--config", help="config file (default: $SPOOLD_CONFIG or /etc/spoold/spoold.yaml)"
+
+def _command(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str, summary: str, **kw: str
+) -> argparse.ArgumentParser:
+    """A subcommand with the options every command that touches a spool takes."""
+    parser = sub.add_parser(name, help=summary, description=kw.get("description", summary))
+    parser.add_argument("--config", metavar="PATH", help=CONFIG_HELP)
+    parser.add_argument("--spool", metavar="DIR", help=SPOOL_HELP)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="spoold",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="`spoold COMMAND --help` for a command's options.\nExit codes: 0 success; "
+        "1 the command failed (the message says why); 2 a usage or config error, or\n"
+        "(run) another live daemon holds this instance name.",
     )
-    run.add_argument("--spool", help="spool directory (overrides spool_dir in the config)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = _command(
+        sub,
+        "run",
+        "run the daemon in the foreground (systemd runs this)",
+        description="Run the daemon in the foreground: claim files from incoming/, run "
+        "them, file them under done/ or failed/. Stops cleanly on SIGTERM or SIGINT.",
+    )
     run.add_argument("--instance", help="this daemon's name (overrides instance in the config)")
     run.add_argument(
         "--drain",
         action="store_true",
-        help="process everything claimable in incoming/ and processing/, then exit 0",
+        help="process everything claimable in incoming/ and processing/, then exit "
+        "(0 when every job was filed)",
     )
     run.set_defaults(func=cmd_run)
 
-    config_help = "config file (default: $SPOOLD_CONFIG or /etc/spoold/spoold.yaml)"
-    submit = sub.add_parser("submit", help="copy files into incoming/ safely")
+    submit = _command(
+        sub,
+        "submit",
+        "copy files into incoming/ safely and print the names they got",
+        description="Copy each FILE into incoming/ under a temporary name, fsync it, then "
+        "give it its name without replacing a file there (a second batch.jsonl becomes "
+        "batch-1.jsonl). Prints the names given in incoming/, one per line.",
+    )
     submit.add_argument("files", nargs="+", metavar="FILE")
-    submit.add_argument("--config", help=config_help)
-    submit.add_argument("--spool", help="spool directory (overrides the config)")
     submit.set_defaults(func=cmd_submit)
 
-    cancel = sub.add_parser("cancel", help="cancel a queued or running job")
+    cancel = _command(
+        sub,
+        "cancel",
+        "cancel a queued or running job",
+        description="Cancel a queued or running job: it stops at its next chunk boundary "
+        "and goes to failed/ as cancelled, its committed results kept (`spoold retry` "
+        "resumes it).",
+    )
     cancel.add_argument("job_id", metavar="JOB_ID")
-    cancel.add_argument("--config", help=config_help)
-    cancel.add_argument("--spool", help="spool directory (overrides the config)")
     cancel.set_defaults(func=cmd_cancel)
 
-    retry = sub.add_parser("retry", help="resubmit a job's retryable failed requests")
+    retry = _command(
+        sub,
+        "retry",
+        "requeue a cancelled or failed job, or resubmit a finished job's failed requests",
+        description="A job in failed/ that was cancelled or failed whole goes back in the "
+        "queue under the same id and resumes from its checkpoint. For a job in done/, a "
+        "new file in incoming/ gets its requests that failed in the engine.",
+    )
     retry.add_argument("job_id", metavar="JOB_ID")
-    retry.add_argument("--config", help=config_help)
-    retry.add_argument("--spool", help="spool directory (overrides the config)")
     retry.set_defaults(func=cmd_retry)
 
-    validate = sub.add_parser("validate", help="check a file as admission would; submit nothing")
+    validate = sub.add_parser(
+        "validate",
+        help="check a file as admission would; submit nothing",
+        description="Check FILE as admission would and print every problem, line by line; "
+        "exit 0 when clean, 1 when anything would be rejected or dead-lettered.",
+    )
     validate.add_argument("file", metavar="FILE")
-    validate.add_argument("--config", help=config_help)
+    validate.add_argument("--config", metavar="PATH", help=CONFIG_HELP)
     validate.set_defaults(func=cmd_validate)
 
     args = parser.parse_args(argv)

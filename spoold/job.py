@@ -119,6 +119,8 @@ class JobState:
     # The incarnations that may hold the result files open (design §2 step 5): each
     # owner adds itself when it acquires the job; a copy (secure) leaves only the taker.
     writers: list[dict[str, Any]] = field(default_factory=list)
+    # How many times `spoold retry` put the job back in the queue (design §6a).
+    retries: int = 0
     updated_at: str = field(default_factory=utcnow)
 
     def transition(self, status: str) -> None:
@@ -128,6 +130,17 @@ class JobState:
         self.status = status
         if status in TERMINAL:
             self.finished_at = utcnow()
+
+    def requeue(self) -> None:
+        """Back in the queue from failed/ (design §6a step 3): it resumes from its
+        checkpoint, with fresh attempts and nobody holding its result files."""
+        if self.status not in (FAILED, CANCELLED):
+            raise ValueError(f"job {self.id}: cannot go from {self.status} to {QUEUED}")
+        self.status = QUEUED
+        self.error = self.finished_at = None
+        self.attempts = 0
+        self.writers = []
+        self.retries += 1
 
     @property
     def remaining(self) -> int:

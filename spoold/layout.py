@@ -13,6 +13,8 @@ INCOMING, PROCESSING, DONE, FAILED, HEARTBEATS = (
 # Uploads in progress (rsync, WinSCP, `spoold submit`…) are left alone.
 IN_PROGRESS_SUFFIXES = (".tmp", ".part", ".partial", ".filepart")
 JOB_SUFFIX = ".jsonl"
+# A job `spoold retry` is putting back in the queue (design §6a).
+RETRY_PREFIX = ".retry-"
 
 
 def is_upload_in_progress(name: str) -> bool:

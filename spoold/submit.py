@@ -7,8 +7,18 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from spoold import fsio
-from spoold.job import ERRORS, INPUT
-from spoold.layout import find_job_dir
+from spoold.job import (
+    CANCEL,
+    CANCELLED,
+    ERRORS,
+    FAILED,
+    INPUT,
+    OWNER,
+    QUEUED,
+    load_state,
+    save_state,
+)
+from spoold.layout import RETRY_PREFIX, find_job_dir
 from spoold.spool import Spool
 from spoold.validate import Request, scan_file
 
@@ -62,8 +72,14 @@ def find_job(spool: Spool, job_id: str) -> Path:
     return found
 
 
-def retry_job(spool: Spool, job_id: str, max_line_bytes: int) -> tuple[str, int]:
-    """A new file in incoming/ with the job's retryable failed requests: (name, count)."""
+def retry_job(spool: Spool, job_id: str, max_line_bytes: int) -> str:
+    """`spoold retry`: a cancelled or wholly failed job goes back in the queue under its
+    id (design §6a); a finished one gets a new file in incoming/ with its retryable
+    failed requests. Returns what was done, as the line to print."""
+    job_dir = find_job_dir(spool.root, job_id)
+    staging = spool.failed / f"{RETRY_PREFIX}{job_id}"
+    if job_dir is None and "/" not in job_id and staging.is_dir():  # R1 (design §6a)
+        return _requeue(spool, staging, job_id) + " (it finishes a retry that was interrupted)"
     job_dir = find_job(spool, job_id)
     if job_dir.parent == spool.processing:
         # Its errors.jsonl may hold an uncommitted tail, and its run is not over.
@@ -71,6 +87,54 @@ def retry_job(spool: Spool, job_id: str, max_line_bytes: int) -> tuple[str, int]
             f"job {job_id} is still in processing/ (queued or running): retry it once it "
             "has finished, or `spoold cancel` it first"
         )
+    if job_dir.parent == spool.failed:
+        try:
+            state = load_state(job_dir)
+        except (OSError, ValueError) as e:
+            raise SubmitError(f"job {job_id}: cannot read its state.json ({e})") from None
+        if state.input_size < 0 or not (job_dir / INPUT).is_file():
+            raise SubmitError(
+                f"job {job_id} was rejected before it was queued ({state.error}): fix the "
+                "file (or the limit) and submit it again"
+            )
+        if state.status in (FAILED, CANCELLED):
+            try:
+                fsio.move(job_dir, staging)  # step 1: the rename is the lock
+            except FileNotFoundError:
+                raise SubmitError(
+                    f"job {job_id} moved meanwhile (is another `spoold retry` at work?)"
+                ) from None
+            return _requeue(spool, staging, job_id)
+    return _new_file_of_failures(spool, job_dir, job_id, max_line_bytes)
+
+
+def _requeue(spool: Spool, staging: Path, job_id: str) -> str:
+    """Design §6a steps 2-4, from failed/.retry-<job_id>/ into processing/."""
+    fsio.remove(staging / CANCEL)  # step 2
+    fsio.remove(staging / OWNER)
+    try:
+        state = load_state(staging)
+    except (OSError, ValueError) as e:
+        raise SubmitError(f"job {job_id}: cannot read its state.json ({e})") from None
+    if state.status != QUEUED:  # a run of ours interrupted after step 3 wrote it
+        state.requeue()
+        save_state(staging, state)  # step 3
+    spool.ensure_layout()
+    try:
+        fsio.move(staging, spool.processing / job_id)  # step 4
+    except FileNotFoundError:
+        raise SubmitError(
+            f"job {job_id} moved meanwhile (is another `spoold retry` at work?)"
+        ) from None
+    c = state.request_counts
+    return (
+        f"job {job_id} is queued again: it resumes from its checkpoint "
+        f"({c.completed + c.failed} of {c.total} requests done)"
+    )
+
+
+def _new_file_of_failures(spool: Spool, job_dir: Path, job_id: str, max_line_bytes: int) -> str:
+    """A new file in incoming/ with the job's retryable failed requests."""
     wanted: set[str] = set()
     try:
         with open(job_dir / ERRORS, "rb") as f:
@@ -106,4 +170,4 @@ def retry_job(spool: Spool, job_id: str, max_line_bytes: int) -> tuple[str, int]
 
     spool.ensure_layout()
     name = _publish(spool.incoming, f"{job_id}.retry.jsonl", lines())
-    return name, count
+    return f"{spool.incoming / name} ({count} {'request' if count == 1 else 'requests'})"

@@ -100,7 +100,7 @@ def test_retry_resubmits_engine_failures_only(tmp_path: Path) -> None:
     drain(cfg)
     job = only_job(tmp_path / "spool", "done")
     proc = run_spoold("retry", "--config", str(cfg), job.name, check=True)
-    assert "(1 requests)" in proc.stdout
+    assert "(1 request)" in proc.stdout
     retry_file = tmp_path / "spool" / "incoming" / f"{job.name}.retry.jsonl"
     lines = [json.loads(x) for x in retry_file.read_text().splitlines()]
     assert [x["custom_id"] for x in lines] == ["bad"]
@@ -212,3 +212,38 @@ def test_spool_status_with_a_missing_named_config_says_so(tmp_path: Path) -> Non
     )
     assert proc.returncode == 3, proc.stdout
     assert str(missing) in proc.stderr and "not found" in proc.stderr
+
+
+def test_every_command_takes_spool_and_config_alone_or_together(tmp_path: Path) -> None:
+    """SPEC §5: `--spool DIR` overrides the config's spool_dir; with `--spool` and no
+    config file anywhere the defaults apply; with neither, the error says what to pass."""
+    cfg = make_config(tmp_path)  # names tmp_path/spool
+    other = tmp_path / "other"
+    request = write_jsonl(tmp_path / "hello.jsonl", [chat("a"), chat("b")])
+
+    both = run_spoold("submit", "--config", str(cfg), "--spool", str(other), str(request))
+    assert both.returncode == 0, both.stderr
+    assert (other / "incoming" / "hello.jsonl").is_file()
+    assert not (tmp_path / "spool" / "incoming" / "hello.jsonl").exists()
+
+    alone = run_spoold("submit", "--spool", str(other), str(request), check=True)
+    assert alone.stdout.strip() == "hello-1.jsonl"
+    # The daemon with --spool and no config: the defaults (fake engine, 5 s settle).
+    run_spoold("run", "--spool", str(other), "--drain", check=True, timeout=60)
+    assert len(job_dirs(other, "done")) == 2
+
+    first = job_dirs(other, "done")[0]
+    cancel = run_spoold("cancel", "--spool", str(other), first.name)
+    assert cancel.returncode == 1 and "already finished" in cancel.stderr
+    retry = run_spoold("retry", "--spool", str(other), first.name)
+    assert retry.returncode == 1 and "no failed requests" in retry.stderr
+
+    if Path("/etc/spoold/spoold.yaml").exists():
+        return  # a machine with spoold installed: "no config file anywhere" cannot be had
+    for args in (["submit", str(request)], ["cancel", "x"], ["retry", "x"], ["run", "--drain"]):
+        proc = run_spoold(*args)
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert "config file not found" in proc.stderr and "--spool DIR" in proc.stderr
+    missing = run_spoold("submit", "--config", str(tmp_path / "nope.yaml"), "--spool", str(other),
+                         str(request))  # fmt: skip
+    assert missing.returncode == 2 and "nope.yaml: config file not found" in missing.stderr
