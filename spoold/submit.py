@@ -92,10 +92,14 @@ def retry_job(spool: Spool, job_id: str, max_line_bytes: int) -> str:
             state = load_state(job_dir)
         except (OSError, ValueError) as e:
             raise SubmitError(f"job {job_id}: cannot read its state.json ({e})") from None
-        if state.input_size < 0 or not (job_dir / INPUT).is_file():
+        if state.input_size < 0:
             raise SubmitError(
                 f"job {job_id} was rejected before it was queued ({state.error}): fix the "
                 "file (or the limit) and submit it again"
+            )
+        if not (job_dir / INPUT).is_file():
+            raise SubmitError(
+                f"job {job_id} has no {INPUT} any more: submit the file again as a new job"
             )
         if state.status in (FAILED, CANCELLED):
             try:
