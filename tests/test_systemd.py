@@ -281,17 +281,27 @@ def test_an_uploader_in_the_group_drops_jobs_and_reads_results(root: Path, unit:
         mv "$S/incoming/job.jsonl" "$S/processing/j1/input.jsonl"
         echo '{"custom_id": "a"}' > "$S/processing/j1/output.jsonl"
         mv "$S/processing/j1" "$S/done/j1"
-        echo '{"status": "idle"}' > "$S/heartbeats/gpu0.json"
+        mkdir "$S/processing/j2"
+        echo '{"status": "running"}' > "$S/processing/j2/state.json"
+        echo '{"status": "running"}' > "$S/heartbeats/gpu0.json"
     """
     proc = _as(daemon, daemon_moves, spool)
     assert proc.returncode == 0, proc.stderr
-    # alice reads her results and the heartbeat, but cannot change them.
+    # alice reads her results, the progress of a running job and the heartbeat (what
+    # spool-status reads), but cannot change them.
     proc = _as(
-        alice, 'ls "$S/done"; cat "$S/done/j1/output.jsonl" "$S/heartbeats/gpu0.json"', spool
+        alice,
+        'ls "$S/done"; cat "$S/done/j1/output.jsonl" "$S/processing/j2/state.json"'
+        ' "$S/heartbeats/gpu0.json"',
+        spool,
     )
-    assert (proc.returncode, proc.stdout) == (0, 'j1\n{"custom_id": "a"}\n{"status": "idle"}\n'), (
-        proc.stderr
-    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [
+        "j1",
+        '{"custom_id": "a"}',
+        '{"status": "running"}',
+        '{"status": "running"}',
+    ]
     proc = _as(alice, 'echo "{}" >> "$S/done/j1/output.jsonl"', spool)
     assert proc.returncode != 0 and "Permission denied" in proc.stderr, proc
     # Someone outside the group can neither drop a file nor read one.
