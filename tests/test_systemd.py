@@ -124,17 +124,20 @@ def _tool(*argv: str | Path) -> str:
     about a line of our files (the tools name them `path:line: …`)."""
     proc = subprocess.run(list(map(str, argv)), capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, f"{argv} exited {proc.returncode}:\n{proc.stderr}"
-    ours = [line for line in proc.stderr.splitlines() if str(UNITS) in line]
+    ours = [line for line in proc.stderr.splitlines() if "spoold.conf" in line]
     assert not ours, "\n".join(ours)
     return proc.stderr
 
 
 def _apply(root: Path) -> None:
-    """The README's install step 2 into `root`. The files are named by absolute path:
-    systemd-tmpfiles (252) looks a relative one up inside --root."""
+    """The README's install step 2, into `root`: the files copied to sysusers.d and
+    tmpfiles.d, then applied by name (the tools look the name up in those directories)."""
     assert sysusers is not None and tmpfiles is not None
-    _tool(sysusers, f"--root={root}", UNITS / "spoold.sysusers")
-    _tool(tmpfiles, "--create", f"--root={root}", UNITS / "spoold.tmpfiles")
+    for kind in ("sysusers", "tmpfiles"):
+        (root / f"etc/{kind}.d").mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(UNITS / f"spoold.{kind}", root / f"etc/{kind}.d/spoold.conf")
+    _tool(sysusers, f"--root={root}", "spoold.conf")
+    _tool(tmpfiles, "--create", f"--root={root}", "spoold.conf")
 
 
 @pytest.fixture
@@ -144,7 +147,6 @@ def root() -> Iterator[Path]:
     made = Path(tempfile.mkdtemp(prefix="spoold-root-"))
     try:
         made.chmod(0o755)
-        (made / "etc").mkdir()  # systemd-sysusers locks ROOT/etc/.pwd.lock; it won't make etc
         _apply(made)
         yield made
     finally:
@@ -242,7 +244,8 @@ def test_tmpfiles_creates_the_spool_with_its_owners_and_modes(root: Path) -> Non
 
     made = layout()
     assert {k: v for k, v in made.items() if k in SPOOL_DIRS} == SPOOL_DIRS
-    assert set(made) - set(SPOOL_DIRS) == {"etc", "var", "var/spool"}, made  # nothing else
+    others = {"etc", "etc/sysusers.d", "etc/tmpfiles.d", "var", "var/spool"}
+    assert set(made) - set(SPOOL_DIRS) == others, made  # nothing else
     # A spool an admin broke is put right by running --create again.
     incoming = root / "var/spool/spoold/incoming"
     incoming.chmod(0o777)
