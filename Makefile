@@ -46,7 +46,8 @@ lint: $(VENV)/.installed
 typecheck: $(VENV)/.installed
 	$(BIN)/mypy
 
-# The unit-file tests use the real systemd-analyze (Debian's systemd package).
+# The unit-file tests use the real systemd-analyze, systemd-sysusers and systemd-tmpfiles
+# (Debian's systemd package).
 systemd-analyze:
 	@command -v systemd-analyze >/dev/null 2>&1 || { \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
