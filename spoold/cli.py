@@ -182,6 +182,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from spoold.jobs import show_jobs
+
+    return show_jobs(config_for(args.config, args.spool).spool_dir, args.state, args.json)
+
+
 CONFIG_HELP = (
     "config file (default: $SPOOLD_CONFIG, else /etc/spoold/spoold.yaml; with --spool and "
     "no config file, the defaults apply)"
@@ -268,6 +274,20 @@ def main(argv: list[str] | None = None) -> int:
     validate.add_argument("file", metavar="FILE")
     validate.add_argument("--config", metavar="PATH", help=CONFIG_HELP)
     validate.set_defaults(func=cmd_validate)
+
+    from spoold.jobs import STATES
+
+    jobs = _command(
+        sub,
+        "jobs",
+        "list jobs, newest first",
+        description="List every job, newest first: id, state, requests completed / failed / "
+        "total, model, source file name, age. A file waiting in incoming/ is listed by its "
+        "name. Exit 0; 1 if a spool directory cannot be listed.",
+    )
+    jobs.add_argument("--state", choices=STATES, help="only the jobs in this state")
+    jobs.add_argument("--json", action="store_true", help="one JSON object per line")
+    jobs.set_defaults(func=cmd_jobs)
 
     args = parser.parse_args(argv)
     try:

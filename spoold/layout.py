@@ -40,16 +40,22 @@ def job_dir_entries(base: Path) -> list[os.DirEntry[str]]:
         return []
 
 
-def count_waiting(incoming: Path) -> int:
-    """Files in incoming/ that are jobs not yet claimed (uploads in progress excluded)."""
+def waiting_files(incoming: Path) -> list[os.DirEntry[str]]:
+    """Files in incoming/ that are jobs not yet claimed (uploads in progress excluded),
+    unsorted. Symlinks are not jobs (never followed)."""
     try:
         with os.scandir(incoming) as it:
-            return sum(
-                1
+            return [
+                e
                 for e in it
                 if e.name.endswith(JOB_SUFFIX)
                 and not is_upload_in_progress(e.name)
                 and e.is_file(follow_symlinks=False)
-            )
+            ]
     except FileNotFoundError:
-        return 0
+        return []
+
+
+def count_waiting(incoming: Path) -> int:
+    """How many jobs wait in incoming/ (see waiting_files)."""
+    return len(waiting_files(incoming))

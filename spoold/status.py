@@ -25,17 +25,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import stat
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from spoold.config import Config, ConfigError, load_config, resolve_config_path
+from spoold.config import ConfigError, config_for
 from spoold.fsio import read_json
 from spoold.heartbeat import beat_age, parse_time, read_heartbeat
 from spoold.job import (
     ACTIVE,
+    COMPLETED,
     ERRORS,
     OUTPUT,
     OWNER,
@@ -51,9 +53,11 @@ from spoold.layout import (
     FAILED,
     HEARTBEATS,
     INCOMING,
+    JOB_SUFFIX,
     PROCESSING,
     count_waiting,
     find_job_dir,
+    is_upload_in_progress,
     job_dir_entries,
 )
 
@@ -428,16 +432,48 @@ def render(report: Report) -> str:
     return "\n".join(lines)
 
 
+def _headline(where: str, state: dict[str, Any]) -> str:
+    """`job ID (done/): completed`; a job done with failed requests says how many."""
+    counts = state.get("request_counts") or {}
+    failed, total = _int(counts.get("failed")), _int(counts.get("total"))
+    said = str(state.get("status"))
+    if state.get("status") == COMPLETED and failed:
+        completed = _int(counts.get("completed"))
+        said = f"done, {failed} failed ({completed} of {total} requests completed)"
+    return f"job {state.get('id')} ({where}/): {said}"
+
+
+def results(job_dir: Path) -> dict[str, str | None]:
+    """The paths of a job's result files, None for one not written (yet)."""
+    return {
+        name.split(".")[0]: str(job_dir / name) if (job_dir / name).exists() else None
+        for name in (OUTPUT, ERRORS)
+    }
+
+
 def render_job(where: str, state: dict[str, Any], view: dict[str, Any], job_dir: Path) -> str:
     c = state.get("request_counts") or {}
+    what = f"  file: {state.get('source_name')}"
+    if state.get("model"):
+        what += f"   model: {state['model']}"
     lines = [
-        f"job {state.get('id')} ({where}/): {state.get('status')}",
-        f"  file: {state.get('source_name')}   model: {state.get('model')}",
+        _headline(where, state),
+        what,
         f"  requests: {c.get('total')} total, {c.get('completed')} completed, "
         f"{c.get('failed')} failed (state.json)",
-        f"  created {state.get('created_at')}  started {state.get('started_at')}  "
-        f"finished {state.get('finished_at')}",
     ]
+    # Only the times that happened: a queued job has not started.
+    times = [
+        f"{word} {state[key]}"
+        for word, key in (
+            ("created", "created_at"),
+            ("started", "started_at"),
+            ("finished", "finished_at"),
+        )
+        if state.get(key)
+    ]
+    if times:
+        lines.append(f"  {'  '.join(times)}")
     if view["runner"] is not None or view["waiting_for_daemon"]:
         lines.append(
             f"  progress: {view['done']}/{view['total']} ({view['completed']} completed, "
@@ -446,34 +482,32 @@ def render_job(where: str, state: dict[str, Any], view: dict[str, Any], job_dir:
         )
     if state.get("error"):
         lines.append(f"  error: {state['error']}")
-    results = [str(job_dir / name) for name in (OUTPUT, ERRORS) if (job_dir / name).exists()]
-    lines.append(f"  results: {', '.join(results) or 'none yet'}")
+    paths = [path for path in results(job_dir).values() if path]
+    lines.append(f"  results: {', '.join(paths) or 'none yet'}")
     return "\n".join(lines)
 
 
-def _config(args: argparse.Namespace) -> Config:
-    if args.spool and not args.config:
-        cfg = Config()
-    else:
-        path = resolve_config_path(args.config)
-        named = args.config or os.environ.get("SPOOLD_CONFIG")
-        # A config that was named must exist; the default one may be absent (defaults).
-        cfg = load_config(path) if (named or path.exists()) else Config()
-    if args.spool:
-        cfg.spool_dir = Path(args.spool)
-    return cfg
+def _waiting_file(spool: Path, name: str) -> Path | None:
+    """incoming/<name> if it is a file waiting to be claimed (the id `spoold jobs` gives
+    it), else None."""
+    if "/" in name or not name.endswith(JOB_SUFFIX) or is_upload_in_progress(name):
+        return None
+    path = spool / INCOMING / name
+    try:
+        return path if stat.S_ISREG(path.lstat().st_mode) else None
+    except OSError:
+        return None
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="spool-status", description=__doc__.split("\n")[0])
-    where = parser.add_mutually_exclusive_group()
-    where.add_argument("--config", help="config file (default: $SPOOLD_CONFIG or /etc/spoold/…)")
-    where.add_argument("--spool", help="spool directory (instead of a config)")
+    parser.add_argument("--config", help="config file (default: $SPOOLD_CONFIG or /etc/spoold/…)")
+    parser.add_argument("--spool", help="spool directory (overrides spool_dir in the config)")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.add_argument("job_id", nargs="?", metavar="JOB_ID", help="show one job")
     args = parser.parse_args(argv)
     try:
-        cfg = _config(args)
+        cfg = config_for(args.config, args.spool)
     except ConfigError as e:
         print(f"spool-status: config error: {e}", file=sys.stderr)
         return UNKNOWN
@@ -481,8 +515,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.job_id:
         found = find_job(cfg.spool_dir, args.job_id)
         if found is None:
-            print(f"spool-status: no job {args.job_id!r} in {cfg.spool_dir}", file=sys.stderr)
-            return DEGRADED
+            waiting = _waiting_file(cfg.spool_dir, args.job_id)
+            if waiting is None:
+                print(f"spool-status: no job {args.job_id!r} in {cfg.spool_dir}", file=sys.stderr)
+                return DEGRADED
+            if args.json:
+                print(json.dumps({"where": INCOMING, "state": None, "path": str(waiting)}))
+            else:
+                print(f"{waiting}: waiting, not claimed yet (it gets a job id when it is)")
+            return report.exit_code
         where_, state = found
         if isinstance(state, Unreadable):
             problem = f"job {args.job_id} ({where_}/) cannot be read: {state.why}"
@@ -496,7 +537,8 @@ def main(argv: list[str] | None = None) -> int:
         owner = _read_owner(job_dir) if in_processing else None
         view = _job_view(state, report.daemons, report.now, owner, waits=in_processing)
         if args.json:
-            print(json.dumps({"where": where_, "state": state, "progress": view}, indent=2))
+            shown = {"where": where_, "state": state, "progress": view, "results": results(job_dir)}
+            print(json.dumps(shown, indent=2))
         else:
             print(render_job(where_, state, view, job_dir))
         return report.exit_code
