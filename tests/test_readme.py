@@ -16,6 +16,7 @@ CONFIG=config/fake.yaml`), so pip must reach its index; nothing touches this tre
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -172,6 +173,12 @@ def test_trying_it_works_pasted_into_a_fresh_clone(clone: Path) -> None:
     assert site_packages(clone, "vllm") == [] and site_packages(clone, "torch") == []
     assert not (clone / ".venv" / "bin" / "pytest").exists()
     assert not list((clone / "spool" / "processing").iterdir())
+    # `kill %1` reached the daemon through make (which passes SIGTERM on to its
+    # children), and it stopped cleanly; the drain after it wrote `stopped` too.
+    logs = done.stdout + done.stderr
+    assert re.search(r'"spoold stopped".*"SIGTERM"|"SIGTERM".*"spoold stopped"', logs), tail(logs)
+    beat = json.loads((clone / "spool" / "heartbeats" / "default.json").read_text())
+    assert beat["status"] == "stopped" and beat["reason"] == "drained"
 
 
 def test_make_run_reads_the_backend_with_spoolds_loader(clone: Path) -> None:
