@@ -29,6 +29,9 @@ STATUSES = (
     "stopped",  # the last beat of a daemon that exited cleanly; `reason` says why
 )
 STOP_JOIN_S = 2.0  # how long stop() waits for a beat in flight (a hung filesystem)
+# A change of status is written at once, not at the next beat (`spool-status` right
+# after a job must not say `starting`), but beats come at most this often for it.
+STATUS_BEAT_GAP_S = 0.5
 
 
 def parse_time(value: Any) -> float | None:
@@ -120,7 +123,10 @@ class Heartbeat:
 
     def set(self, **fields: Any) -> None:
         with self._lock:
+            changed = "status" in fields and fields["status"] != self._fields["status"]
             self._fields.update(fields)
+        if changed:
+            self._wake.set()
 
     def progress(self, current_job: dict[str, Any] | None) -> None:
         self.set(current_job=current_job, last_progress_at=utcnow())
@@ -162,7 +168,15 @@ class Heartbeat:
         # Beats are due interval_s after the last one *began*: a slow write does not
         # stretch the gap between the moments that keep the lease fresh (design §2).
         began = time.monotonic()
-        while not self._stop.wait(max(0.0, began + self.interval_s - time.monotonic())):
+        while not self._stop.is_set():
+            if self._wake.wait(max(0.0, began + self.interval_s - time.monotonic())):
+                # A new status: written now, unless a beat began less than the gap ago.
+                gap = min(STATUS_BEAT_GAP_S, self.interval_s)
+                if self._stop.wait(max(0.0, began + gap - time.monotonic())):
+                    break
+                self._wake.clear()
+            if self._stop.is_set():
+                break
             began = time.monotonic()
             # A full disk must not kill the daemon; the next beat retries.
             try:
@@ -189,6 +203,7 @@ class Heartbeat:
         failed write) rather than a stop that never ends."""
         deadline = time.monotonic() + timeout_s
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout_s)
         final: dict[str, Any] = {"status": final_status, "current_job": None}
