@@ -6,6 +6,7 @@ incoming/ (the truth), also every `watch.rescan_interval_s` without any event.
 
 from __future__ import annotations
 
+import logging
 import threading
 from pathlib import Path
 
@@ -44,5 +45,9 @@ class Watcher:
         self._observer.start()
 
     def stop(self) -> None:
+        # watchdog 7 logs an error for an inotify event read while its thread stops
+        # ("queue_events() called when the thread is inactive"): a race in its shutdown,
+        # harmless, and nothing we watch matters any more once we stop.
+        logging.getLogger("watchdog.observers.inotify").setLevel(logging.CRITICAL)
         self._observer.stop()
         self._observer.join(timeout=5)
