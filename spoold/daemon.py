@@ -7,19 +7,18 @@ between steps.
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import shutil
 import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import structlog
 
+from spoold.admission import Admission, AdmitReport, AdmitWhileRunning
 from spoold.backoff import Backoff
 from spoold.config import Config
 from spoold.engines.base import Engine, EngineFatal, ModelLoadError
@@ -52,25 +51,13 @@ from spoold.runner import (
     restart_from_scratch,
 )
 from spoold.signals import SignalWatcher
-from spoold.spool import Entry, Kind, QueueLoad, SettleTracker, Spool, count_requests
+from spoold.spool import Spool
 from spoold.validate import first_request
 from spoold.watch import Watcher
 
 log = structlog.get_logger("spoold.daemon")
 
 EngineFactory = Callable[[str], Engine]  # model → engine
-
-
-@dataclass
-class AdmitReport:
-    """What one pass over incoming/ saw."""
-
-    claimed: list[str] = field(default_factory=list)
-    waiting: list[str] = field(default_factory=list)  # settled, held back by queue limits
-    settling: list[Entry] = field(default_factory=list)
-
-
-UNMOVABLE_RETRY_S = 60.0
 
 
 MODEL_RETRY_CAP_S = 1800.0
@@ -120,7 +107,6 @@ class Daemon:
         self.engine_factory = engine_factory
         self.engine: Engine | None = None
         self.clock = clock
-        self.settle = SettleTracker(cfg.watch.settle_seconds)
         self.stop_requested = threading.Event()
         self.stop_reason: str | None = None  # what asked (SIGTERM…), for the last heartbeat
         self._stop_lock = threading.Lock()  # request_stop may come from any thread
@@ -131,14 +117,11 @@ class Daemon:
         # Without a watcher (--drain) poll briskly; with one, events wake us and the
         # full rescan every watch.rescan_interval_s is the safety net.
         self._max_idle_s = 1.0
-        self._counts: dict[str, tuple[tuple[int, int], int, int]] = {}
-        # Entries we could not move out of incoming/: name → when to try again. Said
-        # once in the log; listed in the heartbeat's problems while they stay.
-        self._unmovable: dict[str, float] = {}
         self._job_models: dict[str, str] = {}
         # What is wrong now, by topic ("model:…", "job:…", "incoming:…"): the heartbeat's
-        # `problems`, so spool-status shows it.
+        # `problems`, so spool-status shows it. Set from the loop and the side thread.
         self._problems: dict[str, str] = {}
+        self._problems_lock = threading.Lock()
         p = cfg.processing
         self.model_loads = Backoff(p.model_retry_s, max(p.model_retry_s, MODEL_RETRY_CAP_S), clock)
         self.job_retries = Backoff(p.io_retry_s, max(p.io_retry_s, JOB_RETRY_CAP_S), clock)
@@ -164,12 +147,31 @@ class Daemon:
         self.guard = GpuGuard(cfg.gpu, gpu_reader)
         self.heartbeat.sampler = lambda: {"gpu": self.guard.sample()}
         self.disk_free = disk_free or (lambda path: shutil.disk_usage(path).free)
+        self.admission = Admission(
+            self.spool,
+            cfg.limits,
+            cfg.watch.settle_seconds,
+            clock,
+            disk_problem=self._disk_problem,
+            on_problem=self._problem,
+        )
+        # One pass over the spool's queue at a time: the loop's (take-overs, admission,
+        # picking the next job), or the side thread's while a job runs. Never held
+        # while a job runs or the daemon waits.
+        self._pass_lock = threading.RLock()
+        self._side = AdmitWhileRunning(
+            self.admission,
+            self._pass_lock,
+            lambda: self._current_job is not None and not self.stop_requested.is_set(),
+            self._beside_job,
+            "cannot file the cancelled jobs in processing/",
+        )
+        self._exit_reason: str | None = None  # why run() exits non-zero, for the last beat
         self.metrics: MetricsWriter | None = None
         if cfg.metrics.textfile:
             self.metrics = MetricsWriter(Path(cfg.metrics.textfile), cfg.spool_dir, cfg.instance)
         self.heartbeat.on_beat = self._on_beat
         self.poll_s = 5.0  # how often a throttled daemon looks again
-        self._next_admit = 0.0  # when a running job's progress may admit files next
         self._current_job: str | None = None  # the job this daemon is running
         # recover() has just done it at start-up.
         self._next_take_over = clock() + cfg.heartbeat.stale_after_s / 2
@@ -231,7 +233,9 @@ class Daemon:
             os._exit(0)
 
     def run(self, drain: bool = False) -> int:
-        """recover → (admit → run one job)* until stopped (or drained). The exit code."""
+        """recover → (admit → run one job)* until stopped (or drained). The exit code.
+        Once the instance is ours, every way out goes through shutdown: the last
+        heartbeat says `stopped` and why (SPEC §4)."""
         self.spool.ensure_layout()
         self.spool.lease.ensure_dir()  # our lease directory first, then the instance lease
         try:
@@ -243,19 +247,49 @@ class Daemon:
             self._let_go()  # without the instance lease: no heartbeat is ours
             return 0
         self.heartbeat.start()  # before recovery, which may take a while
-        self.spool.recover()
         watcher = None
-        if not drain:
-            watcher = Watcher(
-                [self.spool.incoming, self.spool.processing], self.wake, self.cfg.watch.polling
+        code = 1
+        try:
+            if not self._recover():
+                return code
+            if not drain:
+                watcher = Watcher(
+                    [self.spool.incoming, self.spool.processing], self.wake, self.cfg.watch.polling
+                )
+                watcher.start()
+                self._max_idle_s = self.cfg.watch.rescan_interval_s
+            self._side.start()
+            log.info(
+                "spoold started",
+                spool=str(self.spool.root),
+                instance=self.cfg.instance,
+                drain=drain,
             )
-            watcher.start()
-            self._max_idle_s = self.cfg.watch.rescan_interval_s
-        log.info(
-            "spoold started", spool=str(self.spool.root), instance=self.cfg.instance, drain=drain
-        )
-        self.notifier.ready("recovered; watching incoming/")
-        code = 0
+            self.notifier.ready("recovered; watching incoming/")
+            code = self._loop(drain)
+        finally:
+            if watcher is not None:
+                try:
+                    watcher.stop()
+                except Exception as e:  # the last heartbeat is still due
+                    log.warning("cannot stop watching incoming/", error=str(e))
+            self.shutdown(code)
+        return code
+
+    def _recover(self) -> bool:
+        """Start-up recovery (design §7). False, said, if the spool cannot be repaired (a
+        leftover the daemon may not remove, a failing filesystem): nothing runs on a
+        half-repaired spool, and the last heartbeat names the cause."""
+        try:
+            self.spool.recover()
+        except OSError as e:
+            log.error("cannot recover the spool; fix the cause and start again", error=str(e))
+            self._exit_reason = f"cannot recover the spool: {e}; fix that and start again"
+            return False
+        return True
+
+    def _loop(self, drain: bool) -> int:
+        """The loop proper, until stopped (or drained); its exit code."""
         try:
             while not self.stop_requested.is_set():
                 self.notifier.watchdog()
@@ -263,7 +297,8 @@ class Daemon:
                     break
                 self._watch_lease()
                 self._take_over_dead_peers()
-                report = self.admit()
+                with self._pass_lock:
+                    report = self._shown(self.admission.try_admit())
                 try:
                     ran = self.run_next_job()
                 except Fenced as e:
@@ -294,33 +329,39 @@ class Daemon:
                 self._idle(report)
         except EngineFatal as e:
             log.error("the engine died; exiting so the service manager restarts us", error=str(e))
-            code = 1
+            return self._exiting(1, str(e))
         except InstanceTaken as e:  # fenced, and another daemon holds our instance now
             log.error("another daemon holds this instance", error=str(e))
-            code = 2
+            return self._exiting(2, str(e))
         except DiskFull as e:  # only with --drain: the live loop waits for room instead
             log.error("the spool's disk is full; stopping the drain", error=str(e))
-            code = 1
-        else:
-            if drain and self.models_failed:
-                log.error("jobs failed because their model could not load", jobs=self.models_failed)
-                code = 1
-            if drain and len(self.job_retries):
-                # They kept failing with I/O errors: left queued for the next run.
-                log.error("jobs left in processing/ after repeated I/O errors",
-                          jobs=sorted(job_id for job_id, _ in self.job_retries))  # fmt: skip
-                code = 1
-            if drain and self.lease_lost:
-                code = 1  # said when it gave up: work may be left in processing/
-            if drain and self.spool.unreadable:
-                # Not everything claimable was processed: say so to cron and scripts.
-                log.error("jobs left in processing/: their records cannot be read",
-                          jobs=sorted(self.spool.unreadable))  # fmt: skip
-                code = 1
-        finally:
-            if watcher is not None:
-                watcher.stop()
-            self.shutdown(code)
+            return self._exiting(1, f"the spool's disk is full: {e}")
+        return self._drain_code() if drain else 0
+
+    def _drain_code(self) -> int:
+        """--drain's exit code: 1 if it left work behind or failed jobs it could have
+        run (said to cron and scripts, and in the last heartbeat), else 0."""
+        left = []
+        if self.models_failed:
+            log.error("jobs failed because their model could not load", jobs=self.models_failed)
+            left.append(f"{self.models_failed} job(s) failed: their model could not load")
+        if len(self.job_retries):
+            # They kept failing with I/O errors: left queued for the next run.
+            jobs = sorted(job_id for job_id, _ in self.job_retries)
+            log.error("jobs left in processing/ after repeated I/O errors", jobs=jobs)
+            left.append(f"left in processing/ after repeated I/O errors: {', '.join(jobs)}")
+        if self.lease_lost:  # said when it gave up: work may be left in processing/
+            left.append("the heartbeat could not be written; work left in processing/")
+        if self.spool.unreadable:
+            jobs = sorted(self.spool.unreadable)
+            log.error("jobs left in processing/: their records cannot be read", jobs=jobs)
+            left.append(f"left in processing/, records unreadable: {', '.join(jobs)}")
+        if left:
+            return self._exiting(1, "drained, but " + "; ".join(left))
+        return 0
+
+    def _exiting(self, code: int, reason: str) -> int:
+        self._exit_reason = reason
         return code
 
     def _take_over_dead_peers(self) -> None:
@@ -332,7 +373,8 @@ class Daemon:
             return
         self._next_take_over = now + self.cfg.heartbeat.stale_after_s / 2
         try:
-            self.spool.take_over()
+            with self._pass_lock:  # never in the middle of our own claims (spool.take_over)
+                self.spool.take_over()
         except OSError as e:  # a peer moved something meanwhile: next time
             log.warning("cannot repair a dead peer's leftovers yet", error=str(e))
 
@@ -348,10 +390,14 @@ class Daemon:
         lease = self.spool.lease
         log.info("taking the instance lease", instance=lease.instance, token=lease.token)
         return lease.claim_instance(
-            self.spool.observer,
-            lambda: self.heartbeat.record(status="starting")[0],
-            self.stop_requested.is_set,
+            self.spool.observer, self._first_beat, self.stop_requested.is_set
         )
+
+    def _first_beat(self) -> bytes:
+        """The beat that takes the instance: `starting`, or `stopping` if asked already."""
+        with self._stop_lock:
+            status = "stopping" if self.stop_requested.is_set() else "starting"
+            return self.heartbeat.record(status=status)[0]
 
     def _let_go(self) -> None:
         """The last of an exit: our lease directory goes, the signals are let go, the
@@ -452,6 +498,7 @@ class Daemon:
     def shutdown(self, code: int = 0) -> None:
         """Close the engine, then write the heartbeat a last time (`stopped`, and why:
         SIGTERM, drained…) and let go of the signals. `code`: run's exit code."""
+        self._side.stop()
         reason = self._stopped_because(code)
         self.notifier.stopping()
         self.heartbeat.set(status="stopping", reason=reason, current_job=None)
@@ -470,19 +517,22 @@ class Daemon:
         log.info("spoold stopped", reason=reason)
 
     def _stopped_because(self, code: int) -> str:
-        if self.stop_reason is not None:
-            return self.stop_reason
+        """The last heartbeat's `reason`: what asked to stop (SIGTERM…), why run exits
+        non-zero, an error on its way out of run; else `drained` (--drain's end)."""
         error = sys.exc_info()[1]  # shutdown runs in run's `finally`
-        if error is not None:
-            return f"crashed: {type(error).__name__}: {error}"
+        crash = f"crashed: {type(error).__name__}: {error}" if error is not None else None
+        reasons = [r for r in (self.stop_reason, self._exit_reason, crash) if r]
+        if reasons:
+            return "; ".join(reasons)
         return "drained" if code == 0 else f"exited with code {code}: see the log"
 
     def _idle(self, report: AdmitReport) -> None:
         waiting = len(report.waiting)
-        self.heartbeat.set(status="idle", current_job=None, waiting=waiting)
+        self._show(status="idle", current_job=None, waiting=waiting)
         self.notifier.status(f"idle; {waiting} file(s) waiting for room" if waiting else "idle")
         now = self.clock()
-        waits = [self.settle.wait_left(e, now) for e in report.settling]
+        settles = self.admission.settle_wait_s(report)
+        waits = [] if settles is None else [settles]
         due = [d - now for d in (self.model_loads.next_due(), self.job_retries.next_due()) if d]
         timeout = min([*waits, *due, self._max_idle_s, self._next_take_over - now])
         if self._resettle:
@@ -494,7 +544,7 @@ class Daemon:
         """--drain waits for files about to settle (not for uploads still growing), for
         claimed inputs settling again, and for jobs waiting out an I/O error's backoff."""
         return (
-            any(e.name not in self.settle.changed for e in report.settling)
+            self.admission.about_to_settle(report)
             or bool(report.waiting)
             or bool(self._resettle)
             or any(f.attempts < self._drain_io_tries for _, f in self.job_retries)
@@ -504,139 +554,54 @@ class Daemon:
             or not self.spool.lease.fresh()
         )
 
-    # -- admission ------------------------------------------------------------------
+    # -- admission (spoold.admission) and the side work while a job runs -------------
 
     def admit(self) -> AdmitReport:
-        """One pass over incoming/: reject what will never run, claim what fits, in order."""
-        report = AdmitReport()
-        entries = self.spool.scan_incoming()
-        names = {e.name for e in entries}
-        self.settle.prune(names)
-        self._counts = {k: v for k, v in self._counts.items() if k in names}
-        for gone in self._unmovable.keys() - names:  # gone or renamed: no longer a problem
-            del self._unmovable[gone]
-            self._problem(f"incoming:{gone}", None)
-        load: QueueLoad | None = None
-        now = self.clock()
-        for entry in entries:
-            if entry.kind is Kind.UPLOADING or self._unmovable.get(entry.name, 0.0) > now:
-                continue
-            if not self.settle.settled(entry, now):
-                report.settling.append(entry)
-                continue
-            if entry.kind is Kind.NOT_A_JOB:
-                self._reject(entry, entry.reason or "not a job")
-                continue
-            sized = self._count(entry)
-            if sized is None:
-                continue
-            total, nbytes = sized
-            limits = self.cfg.limits
-            if total < 0:
-                self._reject(
-                    entry,
-                    f"{entry.name} is {nbytes} bytes, over limits.max_file_bytes "
-                    f"({limits.max_file_bytes}): split it into smaller files",
-                )
-                continue
-            if total > limits.max_requests_per_job:
-                self._reject(
-                    entry,
-                    f"{entry.name} has {total} requests, over limits.max_requests_per_job "
-                    f"({limits.max_requests_per_job}): split it into smaller files",
-                    total,
-                )
-                continue
-            first = load is None
-            # Looked at again before every claim: what other daemons claimed meanwhile
-            # counts, so the limits hold to within one file per daemon (design §2).
-            load = self.spool.queue_load(fresh=first)
-            if first:
-                disk = self._disk_problem()
-                if disk:
-                    report.waiting.extend(e.name for e in entries if e.kind is Kind.JOB)
-                    self.heartbeat.set(reason=disk)
-                    break
-            if load.jobs >= limits.max_queue_depth or (
-                load.jobs > 0 and load.requests + total > limits.max_total_queued_requests
-            ):
-                # Arrival order is kept: nothing behind a waiting file jumps the queue.
-                report.waiting.extend(
-                    e.name for e in entries[entries.index(entry) :] if e.kind is Kind.JOB
-                )
-                break
-            try:
-                job_id = self.spool.claim(entry, total, nbytes)
-            except OSError as e:
-                hint = ""
-                if e.errno == errno.EXDEV:
-                    hint = (
-                        ": incoming/ and processing/ are on different filesystems; "
-                        "keep the whole spool on one filesystem"
-                    )
-                self._report_unmovable(entry, f"cannot claim {entry.name}{hint}", e)
-                continue
-            self._movable_again(entry.name)
-            if job_id is not None:
-                log.info("job claimed", job_id=job_id, source=entry.name, requests=total)
-                report.claimed.append(job_id)
+        """One pass over incoming/ (spoold.admission). Raises OSError when incoming/ or
+        processing/ cannot be listed."""
+        with self._pass_lock:
+            return self._shown(self.admission.admit())
+
+    def _shown(self, report: AdmitReport) -> AdmitReport:
+        """A pass's report in the heartbeat: how many files wait, and why if all do."""
+        self.heartbeat.set(waiting=len(report.waiting))
+        if report.held:
+            self._show(reason=report.held)
         return report
 
-    def _count(self, entry: Entry) -> tuple[int, int] | None:
-        cached = self._counts.get(entry.name)
-        if cached is not None and cached[0] == entry.fingerprint:
-            return cached[1], cached[2]
-        try:
-            total, nbytes = count_requests(entry.path, self.cfg.limits.max_file_bytes)
-        except FileNotFoundError:
-            return None  # taken by another daemon meanwhile
-        except OSError as e:
-            self._reject(entry, f"the daemon cannot read {entry.name}: {e}")
-            return None
-        self._counts[entry.name] = (entry.fingerprint, total, nbytes)
-        return total, nbytes
-
-    def _reject(self, entry: Entry, reason: str, total: int | None = None) -> None:
-        try:
-            job_id = self.spool.reject(entry, reason, total)
-        except OSError as e:
-            self._report_unmovable(entry, reason, e)
-            return
-        self._movable_again(entry.name)
-        if job_id is not None:
-            log.warning("rejected", job_id=job_id, source=entry.name, reason=reason)
-
-    def _report_unmovable(self, entry: Entry, reason: str, error: OSError) -> None:
-        """An entry we cannot move out of incoming/: said once (log, and the heartbeat's
-        `problems`, so spool-status shows it), tried again every UNMOVABLE_RETRY_S (the
-        cause may pass: a full disk, a fixed permission, a flaky mount)."""
-        if entry.name not in self._unmovable:
-            log.error(
-                "cannot move entry out of incoming/",
-                entry=entry.name,
-                reason=reason,
-                error=str(error),
-            )
-        self._unmovable[entry.name] = self.clock() + UNMOVABLE_RETRY_S
-        self._problem(
-            f"incoming:{entry.name}", f"cannot move incoming/{entry.name}: {reason}: {error}"
-        )
-
-    def _movable_again(self, name: str) -> None:
-        if self._unmovable.pop(name, None) is not None:
-            log.info("entry moved out of incoming/ after all", entry=name)
-            self._problem(f"incoming:{name}", None)
+    def _beside_job(self, report: AdmitReport) -> None:
+        """After each pass while a job runs (the side thread): the files waiting for
+        room, and the cancelled jobs nobody runs filed (the running one stops at its
+        next chunk boundary)."""
+        self._shown(report)
+        cancels = []
+        for d in self.spool.job_dirs():
+            if self.spool.cancel_requested(d):
+                with contextlib.suppress(OSError, ValueError):
+                    cancels.append((d, load_state(d)))
+        self._finish_cancelled(cancels)
 
     def _problem(self, topic: str, text: str | None) -> None:
-        """Say (or, with None, stop saying) what is wrong about `topic` in the heartbeat."""
-        if text is None:
-            if self._problems.pop(topic, None) is None:
+        """Say (or, with None, stop saying) what is wrong about `topic` in the heartbeat.
+        From the loop and the side thread."""
+        with self._problems_lock:
+            if text is None:
+                if self._problems.pop(topic, None) is None:
+                    return
+            elif self._problems.get(topic) == text:
                 return
-        elif self._problems.get(topic) == text:
-            return
-        else:
-            self._problems[topic] = text
-        self.heartbeat.set(problems=[self._problems[k] for k in sorted(self._problems)])
+            else:
+                self._problems[topic] = text
+            self.heartbeat.set(problems=[self._problems[k] for k in sorted(self._problems)])
+
+    def _show(self, **fields: Any) -> None:
+        """Heartbeat fields. From the stop request on, `status` and `reason` stay the
+        stop's: `stopping` until the last beat says `stopped` (SPEC §3, §4)."""
+        with self._stop_lock:
+            if self.stop_requested.is_set():
+                fields.pop("status", None)
+                fields.pop("reason", None)
+            self.heartbeat.set(**fields)
 
     def _on_beat(self, beat: dict[str, Any]) -> None:
         """After each heartbeat (its own thread): metrics, and the watchdog while a model
@@ -671,7 +636,7 @@ class Daemon:
             if not reason:
                 if throttled:
                     log.info("throttling over")
-                    self.heartbeat.set(status="processing", reason=None)
+                    self._show(status="processing", reason=None)
                 return True
             if not throttled:
                 log.warning("throttled", reason=reason)
@@ -681,7 +646,7 @@ class Daemon:
 
     def _wait_throttled(self, reason: str) -> None:
         """Say why work waits (heartbeat, systemd), stay alive, sleep one poll."""
-        self.heartbeat.set(status="throttled", reason=reason)
+        self._show(status="throttled", reason=reason)
         self.notifier.status(f"throttled: {reason}")
         self.notifier.watchdog()  # alive, waiting on purpose
         self.wake.wait(self.poll_s)
@@ -694,6 +659,21 @@ class Daemon:
         processing.prefer_loaded_model, the loaded model's first). False if none.
         Jobs of a model in its load backoff, and jobs waiting out an I/O error, wait
         (design §8); `ignore_backoff` tries them now (--drain, nothing else left)."""
+        with self._pass_lock:  # picked while no side pass files cancels or claims
+            picked = self._pick_job(ignore_backoff)
+            if picked is None:
+                return False
+            job_dir, state, model = picked
+            # Not to be filed as a cancelled "queued" job under its runner (side work).
+            self._current_job, self._current_dir = state.id, job_dir
+        try:
+            self._run_acquired(job_dir, state, model)
+        finally:
+            self._current_job = self._current_dir = None
+        return True
+
+    def _pick_job(self, ignore_backoff: bool) -> tuple[Path, JobState, str] | None:
+        """The next job to run, acquired, with its model; cancelled ones filed first."""
         jobs = [(d, st) for d, st in self.spool.active_jobs() if st.status not in TERMINAL]
         self._report_unreadable()
         jobs = self._finish_cancelled(jobs)
@@ -724,15 +704,16 @@ class Daemon:
                 continue
             if not self.spool.acquire(job_dir):
                 continue
-            self._run_job(job_dir, state, model)
-            return True
-        return False
+            return job_dir, state, model
+        return None
 
     def _report_unreadable(self) -> None:
         """Jobs whose records cannot be read stay where they are (SPEC §3), listed in
         the heartbeat's problems while they are so (the spool logs each once)."""
         unreadable = self.spool.unreadable
-        for topic in [k for k in self._problems if k.startswith("record:")]:
+        with self._problems_lock:  # the side thread sets problems too
+            topics = [k for k in self._problems if k.startswith("record:")]
+        for topic in topics:
             if topic[len("record:") :] not in unreadable:
                 self._problem(topic, None)
         for job_id, why in unreadable.items():
@@ -850,7 +831,7 @@ class Daemon:
         if self.engine is None:
             if not self.gate():  # SPEC §7: no model load onto a hot or full GPU
                 return None
-            self.heartbeat.set(status="loading_model", model=model)
+            self._show(status="loading_model", model=model)
             self.notifier.status(f"loading model {model}")
             try:
                 self.engine = self.engine_factory(model)
@@ -875,21 +856,12 @@ class Daemon:
                 raise ModelLoadError(error) from e
             if self.model_loads.succeeded(model):
                 self._problem(f"model:{model}", None)
-            self.heartbeat.set(status="processing")  # loads happen inside a job's run
+            self._show(status="processing")  # loads happen inside a job's run
             self.engine.on_step = self.notifier.watchdog
         return self.engine
 
-    def _run_job(self, job_dir: Path, state: JobState, model: str) -> None:
-        self._current_job = state.id  # not to be cancelled as "queued" under its runner
-        self._current_dir = job_dir
-        try:
-            self._run_acquired(job_dir, state, model)
-        finally:
-            self._current_job = None
-            self._current_dir = None
-
     def _run_acquired(self, job_dir: Path, state: JobState, model: str) -> None:
-        self.heartbeat.set(status="processing")
+        self._show(status="processing")
         self._progress(state, 0, 0.0)
         runner = Runner(self.spool, self.cfg, _Engines(self, model), self.hooks)
         topic = f"job:{state.id}"
@@ -918,8 +890,8 @@ class Daemon:
             self._problem(topic, None)
 
     def _progress(self, state: JobState, tokens: int, rate: float) -> None:
-        """Work moved: heartbeat fields, metrics, systemd status and watchdog; and files
-        that arrived meanwhile are admitted."""
+        """Work moved (the runner's progress callback): heartbeat fields, metrics,
+        systemd status and watchdog; nothing else (the side thread admits meanwhile)."""
         c = state.request_counts
         done = c.completed + c.failed
         if self.metrics is not None:
@@ -935,25 +907,3 @@ class Daemon:
         )
         self.notifier.status(f"processing {state.id}: {done}/{c.total}")
         self.notifier.watchdog()
-        self._admit_while_running()
-
-    def _admit_while_running(self) -> None:
-        """Claim what arrived while a job runs, about once a second (the runner reports
-        progress at least that often while outcomes flow): a new file becomes a queued
-        job with its job_id (so it shows as queued, and can be cancelled) now, not
-        when the running job ends."""
-        now = self.clock()
-        if now < self._next_admit or self.stop_requested.is_set():  # stopping: no new work
-            return
-        self._next_admit = now + 1.0
-        try:
-            report = self.admit()
-            self.heartbeat.set(waiting=len(report.waiting))
-            cancels = []
-            for d in self.spool.job_dirs():
-                if self.spool.cancel_requested(d):
-                    with contextlib.suppress(OSError, ValueError):
-                        cancels.append((d, load_state(d)))
-            self._finish_cancelled(cancels)
-        except (OSError, ValueError) as e:  # tried again at the next report; the job goes on
-            log.warning("cannot admit or cancel while a job runs", error=str(e))

@@ -310,7 +310,7 @@ def test_an_engine_that_loses_a_request_fails_the_job_instead_of_looping(
 def test_a_passing_claim_error_is_retried(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """An entry that could not be moved once (a full disk, a flaky mount) is tried
     again a while later, not blocked until the daemon restarts."""
-    from spoold import daemon as daemon_module
+    from spoold import admission as admission_module
 
     now = [1000.0]
     cfg = parse_config({"spool_dir": str(tmp_path / "spool"), "watch": {"settle_seconds": 0}})
@@ -329,7 +329,7 @@ def test_a_passing_claim_error_is_retried(tmp_path: Path, monkeypatch: pytest.Mo
     assert d.admit().claimed == []
     assert (d.spool.incoming / "later.jsonl").exists()
     assert d.admit().claimed == []  # still within the retry delay
-    now[0] += daemon_module.UNMOVABLE_RETRY_S + 1
+    now[0] += admission_module.UNMOVABLE_RETRY_S + 1
     assert len(d.admit().claimed) == 1
     assert not (d.spool.incoming / "later.jsonl").exists()
 
