@@ -37,7 +37,7 @@ from tests.helpers import (
 
 # Rounds stop in ~0.05 s (chunks of 20 requests take 0.04 s). Not less than 5: on a
 # loaded 2-core VM, closing watchdog's inotify fd at shutdown was seen to take > 2 s,
-# and past stop_timeout_s the stop is an abandon (last beat `stopping`), not `stopped`.
+# and past stop_timeout_s the stop is an abandon (reason `SIGTERM; stop timeout`).
 STOP_TIMEOUT_S = 5.0
 BOUND_S = STOP_TIMEOUT_S + 5  # SPEC §3: stop_timeout_s + 5 s
 
