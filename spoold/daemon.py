@@ -1,7 +1,9 @@
 """The daemon: recover → (admit → run one job → heartbeat)* → shut down.
 
 Signals reach request_stop from spoold.signals' thread; the loop checks the flag
-between steps.
+between steps. While a job runs, spoold.admission's AdmitWhileRunning admits files and
+files other jobs' cancels in a thread of its own; every way out ends in shutdown, whose
+last heartbeat says `stopped` and why.
 """
 
 from __future__ import annotations
@@ -130,6 +132,7 @@ class Daemon:
         # Jobs whose input changed after the claim, settling again (design §5c): job id →
         # (the input's size, mtime and ctime, when first seen so).
         self._resettle: dict[str, tuple[tuple[int, int, int], float]] = {}
+        self._current_job: str | None = None  # the job this daemon is running, and where
         self._current_dir: Path | None = None
         self.hooks = Hooks(
             self.stop_requested.is_set, self._progress, self.gate, refresh=self._refresh_lease
@@ -172,7 +175,6 @@ class Daemon:
             self.metrics = MetricsWriter(Path(cfg.metrics.textfile), cfg.spool_dir, cfg.instance)
         self.heartbeat.on_beat = self._on_beat
         self.poll_s = 5.0  # how often a throttled daemon looks again
-        self._current_job: str | None = None  # the job this daemon is running
         # recover() has just done it at start-up.
         self._next_take_over = clock() + cfg.heartbeat.stale_after_s / 2
 
@@ -429,9 +431,10 @@ class Daemon:
             detail="another daemon judged this one dead and took its work over; going on "
             "as a new incarnation",
         )
-        self.spool.lease = Lease(
-            self.spool.heartbeats, self.cfg.instance, self.cfg.heartbeat.stale_after_s
-        )
+        with self._pass_lock:  # a side pass may be ending: not under its feet
+            self.spool.lease = Lease(
+                self.spool.heartbeats, self.cfg.instance, self.cfg.heartbeat.stale_after_s
+            )
         self.spool.lease.ensure_dir()
         self._lend_lease()
         if not self._claim_instance():
@@ -531,7 +534,8 @@ class Daemon:
         self._show(status="idle", current_job=None, waiting=waiting)
         self.notifier.status(f"idle; {waiting} file(s) waiting for room" if waiting else "idle")
         now = self.clock()
-        settles = self.admission.settle_wait_s(report)
+        with self._pass_lock:  # a side pass may be ending
+            settles = self.admission.settle_wait_s(report)
         waits = [] if settles is None else [settles]
         due = [d - now for d in (self.model_loads.next_due(), self.job_retries.next_due()) if d]
         timeout = min([*waits, *due, self._max_idle_s, self._next_take_over - now])
@@ -543,8 +547,10 @@ class Daemon:
     def _drain_should_wait(self, report: AdmitReport) -> bool:
         """--drain waits for files about to settle (not for uploads still growing), for
         claimed inputs settling again, and for jobs waiting out an I/O error's backoff."""
+        with self._pass_lock:  # a side pass may be ending
+            settling = self.admission.about_to_settle(report)
         return (
-            self.admission.about_to_settle(report)
+            settling
             or bool(report.waiting)
             or bool(self._resettle)
             or any(f.attempts < self._drain_io_tries for _, f in self.job_retries)
