@@ -177,6 +177,10 @@ class Admission:
                 log.exception(what)
         self.on_problem(topic, text)
 
+    def cannot_admit(self) -> str | None:
+        """Why the last pass could not look at incoming/, if it could not."""
+        return self._failing.get("admission")
+
     def ok(self, topic: str) -> None:
         if self._failing.pop(topic, None) is not None:
             log.info("working again", what=topic)
@@ -277,7 +281,9 @@ class AdmitWhileRunning:
             wait = WHILE_RUNNING_S
             with self.lock:
                 if not self.busy():
-                    continue  # between jobs the daemon's loop admits
+                    # Between jobs the daemon's loop admits and files cancels itself.
+                    self.admission.ok("while-running")
+                    continue
                 report = self.admission.try_admit()
                 try:
                     self.also(report)

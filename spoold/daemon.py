@@ -341,8 +341,9 @@ class Daemon:
         return self._drain_code() if drain else 0
 
     def _drain_code(self) -> int:
-        """--drain's exit code: 1 if it left work behind or failed jobs it could have
-        run (said to cron and scripts, and in the last heartbeat), else 0."""
+        """--drain's exit code: 1 if it left work behind, failed jobs it could have run
+        or could not look at incoming/ (said to cron and scripts, and in the last
+        heartbeat), else 0."""
         left = []
         if self.models_failed:
             log.error("jobs failed because their model could not load", jobs=self.models_failed)
@@ -354,6 +355,9 @@ class Daemon:
             left.append(f"left in processing/ after repeated I/O errors: {', '.join(jobs)}")
         if self.lease_lost:  # said when it gave up: work may be left in processing/
             left.append("the heartbeat could not be written; work left in processing/")
+        cannot_admit = self.admission.cannot_admit()
+        if cannot_admit:
+            left.append(cannot_admit)
         if self.spool.unreadable:
             jobs = sorted(self.spool.unreadable)
             log.error("jobs left in processing/: their records cannot be read", jobs=jobs)

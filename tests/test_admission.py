@@ -495,3 +495,35 @@ def test_an_admission_fault_while_a_job_runs_is_a_problem_not_the_jobs(
     assert not [e for e in events if e.get("event", "").startswith("job run")], "a job failed"
     said = [e for e in events if e.get("event", "").startswith("cannot admit files")]
     assert said and all(e["level"] == "error" for e in said)
+
+
+def test_a_drain_that_cannot_look_at_incoming_exits_1_and_says_why(tmp_path: Path) -> None:
+    """--drain processes everything claimable, then exits 0; when incoming/ went away
+    meanwhile it cannot know that: exit 1 (not a crash), the reason in its last beat."""
+    cfg = make_config(tmp_path, engine={"backend": "fake", "fake": {"delay_per_request_s": 0.002}})
+    spool = tmp_path / "spool"
+    write_jsonl(spool / "incoming" / "long.jsonl", requests(1500, "l"))
+    with open(tmp_path / "drain.log", "ab") as out:
+        proc = subprocess.Popen(
+            [*SPOOLD, "run", "--config", str(cfg), "--drain"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=_env(),
+        )
+    try:
+        wait_for(
+            lambda: any(state(j)["status"] == "running" for j in job_dirs(spool, "processing")),
+            what="the job to run",
+        )
+        (spool / "incoming").rename(tmp_path / "aside")
+        assert proc.wait(60) == 1
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "Traceback" not in (tmp_path / "drain.log").read_text()
+    beat = json.loads((spool / "heartbeats" / "default.json").read_text())
+    assert beat["status"] == "stopped", beat
+    assert beat["reason"].startswith(f"drained, but cannot admit files from {spool / 'incoming'}")
+    (done,) = job_dirs(spool, "done")
+    assert state(done)["status"] == "completed"
