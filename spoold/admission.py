@@ -151,30 +151,31 @@ class Admission:
     def try_admit(self) -> AdmitReport:
         """admit(), what goes wrong said and shown as a problem, never raised: the
         daemon goes on with the jobs it has, and the next pass tries again."""
-        incoming, processing = self.spool.incoming, self.spool.processing
         try:
             report = self.admit()
         except Exception as e:
             self.failed(
                 "admission",
-                f"cannot admit files from {incoming} (check that it and {processing} are "
-                "directories this daemon can read and write)",
+                "cannot admit files from incoming/",
                 e,
+                f"check that {self.spool.incoming} and {self.spool.processing} are "
+                "directories this daemon can read and write",
             )
             return AdmitReport()
         self.ok("admission")
         return report
 
-    def failed(self, topic: str, what: str, error: Exception) -> None:
+    def failed(self, topic: str, what: str, error: Exception, hint: str = "") -> None:
         """A pass's work on `topic` failed: said once (again if it changes; a bug with
         its traceback), a problem until ok(topic). Called from an `except` block."""
-        text = f"{what}: {type(error).__name__}: {error}; tried again at the next pass"
+        said = f"{type(error).__name__}: {error}"
+        text = f"{what}: {said}" + (f"; {hint}" if hint else "") + " (tried again at each pass)"
         if self._failing.get(topic) != text:
             self._failing[topic] = text
             if isinstance(error, OSError):
-                log.error(what, error=f"{type(error).__name__}: {error}")
+                log.error(what, error=said, hint=hint or None)
             else:
-                log.exception(what)
+                log.exception(what, hint=hint or None)
         self.on_problem(topic, text)
 
     def cannot_admit(self) -> str | None:
