@@ -4,11 +4,35 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import re
 from typing import Any
 
 import orjson
 
 from spoold.engines.base import Completion
+
+# What str.splitlines() (and JavaScript's line terminators) split on beyond what JSON
+# escapes already (controls below 0x20): U+0085, U+2028, U+2029; with them the other C1
+# controls and DEL, which terminals act on. As UTF-8 these byte sequences mean only
+# these characters, and outside strings a JSON line is ASCII: replacing them in the
+# encoded line is exact.
+_SPLITTERS = re.compile(rb"\x7f|\xc2[\x80-\x9f]|\xe2\x80[\xa8\xa9]")
+
+
+def _escaped(m: re.Match[bytes]) -> bytes:
+    return b"\\u%04x" % ord(m.group().decode())
+
+
+def _dumps(record: dict[str, Any]) -> bytes:
+    """One result line: compact JSON, `\n`-terminated, the only line break in it (SPEC §4)."""
+    data = orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE)
+    # Scans in C first; the regex runs only on a line that holds a lead byte of these
+    # characters (é, curly quotes and dashes are common in model output; these are not).
+    if b"\x7f" not in data and (
+        data.isascii() or (b"\xc2" not in data and b"\xe2\x80" not in data)
+    ):
+        return data
+    return _SPLITTERS.sub(_escaped, data)
 
 
 @functools.lru_cache(maxsize=64)
@@ -83,7 +107,7 @@ def output_line(job_id: str, c: Completion, created: int) -> bytes:
         },
         "error": None,
     }
-    return orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE)
+    return _dumps(record)
 
 
 def error_line(
@@ -109,4 +133,4 @@ def error_line(
         "response": response,
         "error": {"code": code, "message": message},
     }
-    return orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE)
+    return _dumps(record)
