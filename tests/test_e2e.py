@@ -377,6 +377,25 @@ def test_result_files_split_into_records_at_newline_alone(tmp_path: Path) -> Non
     assert_completed_job(job, "odd.jsonl", completed=len(answered), failed=len(failed))
 
 
+def test_a_file_without_request_lines_fails_saying_so(tmp_path: Path) -> None:
+    """An empty or blank-only file fails whole; its reason says what is true, not "see
+    errors.jsonl" (which is empty)."""
+    cfg = make_config(tmp_path)
+    (incoming(cfg) / "empty.jsonl").write_bytes(b"")
+    (incoming(cfg) / "blank.jsonl").write_bytes(b"\n  \r\n\t\n")
+
+    drain(cfg)
+
+    spool = spool_of(cfg)
+    for name, what in (("empty.jsonl", "it is empty"), ("blank.jsonl", "its 3 lines are blank")):
+        st = assert_failed_entry(spool, name)
+        assert st["error"] == (
+            f"{name} has no request lines: {what}; put one JSON request on each line and "
+            "submit it again"
+        )
+        assert read_results(job_by_source(spool, "failed", name), "errors.jsonl") == []
+
+
 # -- 4. hostile inputs -------------------------------------------------------------------
 
 
