@@ -17,6 +17,8 @@ from spoold.engines.base import Completion
 # these characters, and outside strings a JSON line is ASCII: replacing them in the
 # encoded line is exact.
 _SPLITTERS = re.compile(rb"\x7f|\xc2[\x80-\x9f]|\xe2\x80[\xa8\xa9]")
+_C1 = re.compile(rb"\xc2[\x80-\x9f]")
+_SEPARATORS = re.compile(rb"\xe2\x80[\xa8\xa9]")
 
 
 def _escaped(m: re.Match[bytes]) -> bytes:
@@ -26,13 +28,18 @@ def _escaped(m: re.Match[bytes]) -> bytes:
 def _dumps(record: dict[str, Any]) -> bytes:
     """One result line: compact JSON, `\n`-terminated, the only line break in it (SPEC §4)."""
     data = orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE)
-    # Scans in C first; the regex runs only on a line that holds a lead byte of these
-    # characters (é, curly quotes and dashes are common in model output; these are not).
-    if b"\x7f" not in data and (
-        data.isascii() or (b"\xc2" not in data and b"\xe2\x80" not in data)
+    # `int in bytes` is a memchr; a regex searches only where a lead byte is (curly
+    # quotes and dashes, common in model output, start with 0xE2 too), and the line is
+    # rewritten only where one of the characters is.
+    if 0x7F in data or (
+        not data.isascii()
+        and (
+            (0xC2 in data and _C1.search(data) is not None)
+            or (0xE2 in data and _SEPARATORS.search(data) is not None)
+        )
     ):
-        return data
-    return _SPLITTERS.sub(_escaped, data)
+        return _SPLITTERS.sub(_escaped, data)
+    return data
 
 
 @functools.lru_cache(maxsize=64)
