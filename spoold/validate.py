@@ -75,7 +75,6 @@ _NOT_FIELDS: dict[str | None, frozenset[str]] = {
     COMPLETIONS_URL: frozenset({*HARMLESS, "prompt"}),
     None: frozenset({*HARMLESS, "messages", "prompt"}),
 }
-_ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
 def _show(value: Any) -> str:
@@ -99,7 +98,7 @@ def _check_messages(body: dict[str, Any], problems: list[str]) -> None:
             problems.append(f"body.messages[{i}] must be an object, got {_show(m)}")
             continue
         role = m.get("role")
-        if role not in _ROLES:
+        if role not in ("system", "developer", "user", "assistant", "tool"):
             problems.append(
                 _must(
                     m, "role", "system, developer, user, assistant or tool", f"body.messages[{i}]."
@@ -256,22 +255,22 @@ def parse_line(raw: bytes, line: int) -> Request | LineError | None:
         return LineError(line, None, "invalid_request", (found,))
     problems: list[str] = []  # every one: a field that is wrong hides no other
     custom_id: Any = obj.get("custom_id")
-    id_ok = type(custom_id) is str and custom_id
-    if not id_ok:
+    if type(custom_id) is not str or not custom_id:
         problems.append(_must(obj, "custom_id", "a non-empty string"))
+        custom_id = None
     if obj.get("method") != "POST":
         problems.append(_must(obj, "method", '"POST"'))
     url: Any = obj.get("url")
-    url_ok = url in SUPPORTED_URLS
-    if not url_ok:
+    if url not in SUPPORTED_URLS:
         problems.append(_must(obj, "url", f"one of {', '.join(SUPPORTED_URLS)}"))
+        url = None  # the body's sampling fields are still checked
     body: Any = obj.get("body")
     if type(body) is dict:
-        _check_body(url if url_ok else None, body, problems)
+        _check_body(url, body, problems)
     else:
         problems.append(_must(obj, "body", "a JSON object"))
     if problems:
-        return LineError(line, custom_id if id_ok else None, "invalid_request", tuple(problems))
+        return LineError(line, custom_id, "invalid_request", tuple(problems))
     return Request(line, custom_id, url, body)
 
 
