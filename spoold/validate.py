@@ -168,7 +168,7 @@ def _load(raw: bytes, line: int) -> Any:
         return orjson.loads(text) if text else _BLANK
 
 
-def not_json(raw: bytes, line: int) -> str:
+def _not_json(raw: bytes, line: int) -> str:
     """Why a line `_load` refused is not JSON, in plain words, with the column (counted
     in characters from the line's start, as an editor shows it)."""
     text = raw.decode("utf-8")
@@ -247,7 +247,7 @@ def parse_line(raw: bytes, line: int) -> Request | LineError | None:
     try:
         obj = _load(raw, line)
     except orjson.JSONDecodeError:
-        return LineError(line, None, "invalid_json", (not_json(raw, line),))
+        return LineError(line, None, "invalid_json", (_not_json(raw, line),))
     if obj is _BLANK:
         return None
     if type(obj) is not dict:
