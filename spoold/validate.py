@@ -67,16 +67,6 @@ class LineError:
         return f"line {self.line}: " + "; ".join(self.problems)
 
 
-# Keys of a body that are not sampling fields, by endpoint: its prompt's shape (checked
-# on its own) and the harmless ones. An unsupported url's shape is unknown, its sampling
-# fields are still checked.
-_NOT_FIELDS: dict[str | None, frozenset[str]] = {
-    CHAT_URL: frozenset({*HARMLESS, "messages"}),
-    COMPLETIONS_URL: frozenset({*HARMLESS, "prompt"}),
-    None: frozenset({*HARMLESS, "messages", "prompt"}),
-}
-
-
 def _show(value: Any) -> str:
     """A value as the user wrote it, short and on one line."""
     return json.dumps(value)[:80]
@@ -134,14 +124,18 @@ def _check_body(url: str | None, body: dict[str, Any], problems: list[str]) -> N
     """Append what is wrong with a request body for `url` (None: an unsupported url)."""
     if url == CHAT_URL:
         _check_messages(body, problems)
-    elif url == COMPLETIONS_URL:
-        _check_prompt(body, problems)
-    skip = _NOT_FIELDS[url]
+        shape = "messages"
+    else:
+        if url == COMPLETIONS_URL:
+            _check_prompt(body, problems)
+        shape = "prompt"
     for key, value in body.items():
-        if key in skip:
+        if key == shape or key in HARMLESS:
             continue
         check = FIELD_CHECKS.get(key)
         if check is None:
+            if url is None and key == "messages":
+                continue  # an unsupported url: its prompt's shape is unknown
             name = f"body.{key}" if key.isidentifier() else f"body[{_show(key)}]"
             problems.append(f"{name} is not supported by spoold (remove it from the request)")
             continue
