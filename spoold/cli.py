@@ -132,12 +132,13 @@ def cmd_retry(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from spoold.validate import DUPLICATE, LineError, NotUtf8Error, one_model, scan_file
+    from spoold.lint import Tally, counted, line_problems
+    from spoold.validate import NotUtf8Error
 
     cfg = _load_optional(args)
     limits = cfg.limits
     path = Path(args.file)
-    problems = valid = 0
+    problems = 0
 
     def problem(message: str) -> None:
         nonlocal problems
@@ -149,36 +150,38 @@ def cmd_validate(args: argparse.Namespace) -> int:
     except OSError as e:
         problem(f"cannot read: {e.strerror}")
         return 1
+    tally = Tally()
     with f:
         size = os.fstat(f.fileno()).st_size
         if not path.name.endswith(".jsonl"):
             problem("the name must end in .jsonl to be picked up as a job")
         if size > limits.max_file_bytes:
             problem(f"{size} bytes, over limits.max_file_bytes ({limits.max_file_bytes})")
-        total = 0
         try:
             # A rough line count (~100 bytes a line) decides whether ids spill to disk;
             # the job's model is its first valid request's, as the daemon picks it.
-            items = scan_file(f, limits.max_line_bytes, expected=size // 100)
-            for item in one_model(items, cfg.engine.resolve_model):
-                if isinstance(item, LineError) and item.code == DUPLICATE:
-                    valid -= 1  # replaces a line counted as valid above
-                else:
-                    total += 1
-                if isinstance(item, LineError):
-                    problem(item.message)
-                else:
-                    valid += 1
+            lines = line_problems(
+                f, limits.max_line_bytes, cfg.engine.resolve_model, tally, size // 100
+            )
+            for line, text in lines:
+                problem(f"line {line}: {text}")
         except NotUtf8Error as e:
-            problem(f"{e}: the whole file would fail")
+            problem(f"{e}: the whole file would fail; save it as UTF-8")
             return 1
+    total, valid = tally.requests, tally.requests - tally.invalid
     if total > limits.max_requests_per_job:
         problem(
-            f"{total} requests, over limits.max_requests_per_job ({limits.max_requests_per_job})"
+            f"{counted(total, 'request')}, over limits.max_requests_per_job "
+            f"({limits.max_requests_per_job})"
         )
-    if valid == 0:
+    if total == 0:
+        problem("no request lines (the file is empty or blank): the whole file would fail")
+    elif valid == 0:
         problem("no valid request: the whole file would fail")
-    print(f"{path}: {total} requests, {valid} valid, {problems} problem(s)")
+    print(
+        f"{path}: {counted(total, 'request')}, {valid} valid, {tally.invalid} invalid "
+        f"({counted(problems, 'problem')})"
+    )
     return 1 if problems else 0
 
 

@@ -4,11 +4,42 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import re
 from typing import Any
 
 import orjson
 
 from spoold.engines.base import Completion
+
+# What str.splitlines() (and JavaScript's line terminators) split on beyond what JSON
+# escapes already (controls below 0x20): U+0085, U+2028, U+2029; with them the other C1
+# controls and DEL, which terminals act on. As UTF-8 these byte sequences mean only
+# these characters, and outside strings a JSON line is ASCII: replacing them in the
+# encoded line is exact.
+_SPLITTERS = re.compile(rb"\x7f|\xc2[\x80-\x9f]|\xe2\x80[\xa8\xa9]")
+_C1 = re.compile(rb"\xc2[\x80-\x9f]")
+_SEPARATORS = re.compile(rb"\xe2\x80[\xa8\xa9]")
+
+
+def _escaped(m: re.Match[bytes]) -> bytes:
+    return b"\\u%04x" % ord(m.group().decode())
+
+
+def _dumps(record: dict[str, Any]) -> bytes:
+    """One result line: compact JSON, `\n`-terminated, the only line break in it (SPEC §4)."""
+    data = orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE)
+    # `int in bytes` is a memchr; a regex searches only where a lead byte is (curly
+    # quotes and dashes, common in model output, start with 0xE2 too), and the line is
+    # rewritten only where one of the characters is.
+    if 0x7F in data or (
+        not data.isascii()
+        and (
+            (0xC2 in data and _C1.search(data) is not None)
+            or (0xE2 in data and _SEPARATORS.search(data) is not None)
+        )
+    ):
+        return _SPLITTERS.sub(_escaped, data)
+    return data
 
 
 @functools.lru_cache(maxsize=64)
@@ -83,7 +114,7 @@ def output_line(job_id: str, c: Completion, created: int) -> bytes:
         },
         "error": None,
     }
-    return orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE)
+    return _dumps(record)
 
 
 def error_line(
@@ -109,4 +140,4 @@ def error_line(
         "response": response,
         "error": {"code": code, "message": message},
     }
-    return orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE)
+    return _dumps(record)

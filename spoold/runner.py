@@ -396,13 +396,28 @@ class Runner:
                 raise _InputChanged
             errors.sync()
             state.requests_in_file = counts.total
+            if counts.total == 0:  # errors.jsonl is empty: the reason is all there is
+                what = (
+                    "it is empty"
+                    if shape.lines == 0
+                    else "its one line is blank"
+                    if shape.lines == 1
+                    else f"its {shape.lines} lines are blank"
+                )
+                raise JobFailed(
+                    f"{state.source_name} has no request lines: {what}; put one JSON "
+                    "request on each line and submit it again"
+                )
             if counts.total == counts.failed:
                 why = (
-                    "it has no request lines"
-                    if counts.total == 0
+                    "its one line is invalid"
+                    if counts.total == 1
                     else f"all {counts.total} lines are invalid"
                 )
-                raise JobFailed(f"{state.source_name}: no valid request ({why}); see errors.jsonl")
+                raise JobFailed(
+                    f"{state.source_name}: no valid request ({why}); errors.jsonl says "
+                    "what is wrong with each line"
+                )
             state.rejected_lines = rejected
             state.input_lines, state.blank_lines = shape.lines, shape.blank
             state.checkpoint = Checkpoint(

@@ -27,12 +27,13 @@ class UniqueIds:
     """Collects (line, custom_id, valid) in line order; says which valid lines repeat an id.
 
     A line is a duplicate when its custom_id appeared on an earlier line (valid or not);
-    only valid lines are reported (an invalid one already has its own error).
+    only valid lines are reported (an invalid one already has its own error), unless
+    every one is asked for.
     """
 
     def __init__(self, expected: int, spill_dir: Path | None) -> None:
         self._memory: dict[str, int] | None = {}
-        self._dupes: list[tuple[int, str, int]] = []
+        self._dupes: list[tuple[int, str, int, bool]] = []
         self._files: list[BinaryIO] = []
         self._paths: list[Path] = []
         if expected > IN_MEMORY:
@@ -52,8 +53,8 @@ class UniqueIds:
     def add(self, line: int, custom_id: str, valid: bool) -> None:
         if self._memory is not None:
             first = self._memory.setdefault(custom_id, line)
-            if first != line and valid:
-                self._dupes.append((line, custom_id, first))
+            if first != line:
+                self._dupes.append((line, custom_id, first, valid))
             return
         data = custom_id.encode("utf-8", "surrogatepass")
         # hash() differs between processes but not within one, and one pass is one
@@ -61,10 +62,11 @@ class UniqueIds:
         bucket = self._files[hash(custom_id) % len(self._files)]
         bucket.write(_HEADER.pack(line if valid else -line, len(data)) + data)
 
-    def duplicates(self) -> Iterator[tuple[int, str, int]]:
-        """(line, custom_id, first line) of every valid line that repeats an earlier id."""
+    def duplicates(self, every: bool = False) -> Iterator[tuple[int, str, int]]:
+        """(line, custom_id, first line) of every valid line (`every`: every line) that
+        repeats an earlier id; in line order within one bucket."""
         if self._memory is not None:
-            yield from self._dupes
+            yield from ((line, i, first) for line, i, first, valid in self._dupes if valid or every)
             return
         for f, path in zip(self._files, self._paths, strict=True):
             f.close()
@@ -78,7 +80,7 @@ class UniqueIds:
                 pos += size + length
                 line = abs(signed)
                 first = seen.setdefault(key, line)
-                if first != line and signed > 0:
+                if first != line and (signed > 0 or every):
                     yield line, key.decode("utf-8", "surrogatepass"), first
         self._files = []
 

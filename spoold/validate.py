@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -12,6 +13,7 @@ from typing import Any, BinaryIO
 
 import orjson
 
+from spoold.fields import FIELD_CHECKS, HARMLESS
 from spoold.unique import IN_MEMORY, UniqueIds
 
 CHAT_URL = "/v1/chat/completions"
@@ -51,146 +53,95 @@ class Request:
 
 @dataclass(frozen=True, slots=True)
 class LineError:
+    """Everything wrong with one line: `problems` in plain words, without the line
+    number; `code` is the first problem's (what errors.jsonl's consumers key on)."""
+
     line: int
     custom_id: str | None
     code: str
-    message: str
+    problems: tuple[str, ...]
+
+    @property
+    def message(self) -> str:
+        """The errors.jsonl message: the line number, then every problem."""
+        return f"line {self.line}: " + "; ".join(self.problems)
 
 
-# These run for every field of every line: exact type() checks inline (a bool is not a
-# number here; parsed JSON has no subclasses), no helper calls.
-_NUM = (int, float)
+def _show(value: Any) -> str:
+    """A value as the user wrote it, short and on one line."""
+    return json.dumps(value)[:80]
 
 
-def _int_list(v: Any) -> bool:
-    return type(v) is list and all(type(i) is int for i in v)
+def _must(obj: dict[str, Any], key: str, what: str, where: str = "") -> str:
+    if key not in obj:
+        return f"{where}{key} is missing: it must be {what}"
+    return f"{where}{key} must be {what}, got {_show(obj[key])}"
 
 
-def _str_or_str_list(v: Any) -> bool:
-    return type(v) is str or (type(v) is list and len(v) <= 16 and all(type(s) is str for s in v))
-
-
-# Sampling and output fields the engines honour: name → (check, what it must be).
-_FIELD_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "model": (lambda v: type(v) is str, "a string"),
-    "max_tokens": (lambda v: v is None or (type(v) is int and v >= 1), "an integer >= 1"),
-    "max_completion_tokens": (
-        lambda v: v is None or (type(v) is int and v >= 1),
-        "an integer >= 1",
-    ),
-    "temperature": (
-        lambda v: v is None or (type(v) in _NUM and 0 <= v <= 2),
-        "a number in [0, 2]",
-    ),
-    "top_p": (lambda v: v is None or (type(v) in _NUM and 0 < v <= 1), "a number in (0, 1]"),
-    "top_k": (
-        lambda v: v is None or (type(v) is int and (v == -1 or v >= 0)),
-        "-1 or an integer >= 0",
-    ),
-    "min_p": (lambda v: v is None or (type(v) in _NUM and 0 <= v <= 1), "a number in [0, 1]"),
-    "n": (lambda v: v is None or (type(v) is int and 1 <= v <= 128), "an integer in [1, 128]"),
-    "stop": (lambda v: v is None or _str_or_str_list(v), "a string or a list of strings"),
-    "seed": (lambda v: v is None or type(v) is int, "an integer"),
-    "presence_penalty": (
-        lambda v: v is None or (type(v) in _NUM and -2 <= v <= 2),
-        "a number in [-2, 2]",
-    ),
-    "frequency_penalty": (
-        lambda v: v is None or (type(v) in _NUM and -2 <= v <= 2),
-        "a number in [-2, 2]",
-    ),
-    "repetition_penalty": (lambda v: v is None or (type(v) in _NUM and v > 0), "a number > 0"),
-    "logprobs": (
-        lambda v: v is None or type(v) is bool or type(v) is int,
-        "a boolean or integer",
-    ),
-    "top_logprobs": (
-        lambda v: v is None or (type(v) is int and 0 <= v <= 20),
-        "an integer in [0, 20]",
-    ),
-    "response_format": (lambda v: type(v) is dict and "type" in v, "an object with 'type'"),
-    "stream": (lambda v: v is None or v is False, "false (batch jobs cannot stream)"),
-    "echo": (lambda v: v is None or v is False, "false"),
-    "suffix": (lambda v: v is None, "null"),
-    "best_of": (lambda v: v is None or v == 1, "1"),
-    "ignore_eos": (lambda v: type(v) is bool, "a boolean"),
-    "min_tokens": (lambda v: type(v) is int and v >= 0, "an integer >= 0"),
-    "skip_special_tokens": (lambda v: type(v) is bool, "a boolean"),
-    # vLLM's own sampling extras (what `vllm serve` accepts beside OpenAI's fields).
-    "logit_bias": (
-        lambda v: v is None or (type(v) is dict and all(type(b) in _NUM for b in v.values())),
-        "an object of token id → bias",
-    ),
-    "stop_token_ids": (lambda v: v is None or _int_list(v), "a list of token ids"),
-    "allowed_token_ids": (lambda v: v is None or _int_list(v), "a list of token ids"),
-    "bad_words": (lambda v: v is None or _str_or_str_list(v), "a list of strings"),
-    "include_stop_str_in_output": (lambda v: type(v) is bool, "a boolean"),
-    "spaces_between_special_tokens": (lambda v: type(v) is bool, "a boolean"),
-    "truncate_prompt_tokens": (
-        lambda v: v is None or (type(v) is int and v >= -1),
-        "-1 or an integer >= 0",
-    ),
-    "structured_outputs": (lambda v: v is None or type(v) is dict, "an object"),
-}
-# Accepted and ignored: they do not change what the engine computes.
-_HARMLESS = {"user", "metadata", "store", "service_tier", "stream_options"}
-
-
-def _check_messages(messages: Any) -> str | None:
-    if not isinstance(messages, list) or not messages:
-        return "body.messages must be a non-empty list of message objects"
+def _check_messages(body: dict[str, Any], problems: list[str]) -> None:
+    messages = body.get("messages")
+    if type(messages) is not list or not messages:
+        problems.append(_must(body, "messages", "a non-empty list of message objects", "body."))
+        return
     for i, m in enumerate(messages):
-        if not isinstance(m, dict):
-            return f"body.messages[{i}] must be an object"
+        if type(m) is not dict:
+            problems.append(f"body.messages[{i}] must be an object, got {_show(m)}")
+            continue
         role = m.get("role")
         if role not in ("system", "developer", "user", "assistant", "tool"):
-            return f"body.messages[{i}].role must be system, developer, user, assistant or tool"
+            problems.append(
+                _must(
+                    m, "role", "system, developer, user, assistant or tool", f"body.messages[{i}]."
+                )
+            )
         content = m.get("content")
-        if isinstance(content, str):
+        if type(content) is str or (content is None and role == "assistant"):
             continue
-        if content is None and role == "assistant":
-            continue
-        if isinstance(content, list) and all(
-            isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+        if type(content) is list and all(
+            type(p) is dict and p.get("type") == "text" and type(p.get("text")) is str
             for p in content
         ):
             continue
-        return f"body.messages[{i}].content must be a string or a list of text parts"
-    return None
+        problems.append(
+            _must(m, "content", "a string or a list of text parts", f"body.messages[{i}].")
+        )
 
 
-def _check_prompt(prompt: Any) -> str | None:
-    if isinstance(prompt, str):
-        return None
-    if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+def _check_prompt(body: dict[str, Any], problems: list[str]) -> None:
+    prompt = body.get("prompt")
+    if type(prompt) is str:
+        return
+    if type(prompt) is list and prompt and all(type(p) is str for p in prompt):
         if len(prompt) > 1:
-            return "body.prompt as a list of several prompts is not supported: one prompt per line"
-        return None
-    return "body.prompt must be a string"
+            problems.append(
+                "body.prompt as a list of several prompts is not supported: one prompt per line"
+            )
+        return
+    problems.append(_must(body, "prompt", "a string", "body."))
 
 
-def check_body(url: str, body: Any) -> str | None:
-    """What is wrong with a request body for `url`, or None."""
-    if not isinstance(body, dict):
-        return "body must be a JSON object"
-    problem = (
-        _check_messages(body.get("messages"))
-        if url == CHAT_URL
-        else _check_prompt(body.get("prompt"))
-    )
-    if problem:
-        return problem
-    shape_key = "messages" if url == CHAT_URL else "prompt"
+def _check_body(url: str | None, body: dict[str, Any], problems: list[str]) -> None:
+    """Append what is wrong with a request body for `url` (None: an unsupported url)."""
+    if url == CHAT_URL:
+        _check_messages(body, problems)
+        shape = "messages"
+    else:
+        if url == COMPLETIONS_URL:
+            _check_prompt(body, problems)
+        shape = "prompt"
     for key, value in body.items():
-        if key == shape_key or key in _HARMLESS:
+        if key == shape or key in HARMLESS:
             continue
-        check = _FIELD_CHECKS.get(key)
+        check = FIELD_CHECKS.get(key)
         if check is None:
-            return f"body.{key} is not supported by spoold; remove it from the request"
+            if url is None and key == "messages":
+                continue  # an unsupported url: its prompt's shape is unknown
+            name = f"body.{key}" if key.isidentifier() else f"body[{_show(key)}]"
+            problems.append(f"{name} is not supported by spoold (remove it from the request)")
+            continue
         ok, what = check
         if not ok(value):
-            return f"body.{key} must be {what}, got {json.dumps(value)[:80]}"
-    return None
+            problems.append(f"body.{key} must be {what}, got {_show(value)}")
 
 
 _BLANK = object()  # what _load says of a blank line (JSON `null` is None)
@@ -211,6 +162,64 @@ def _load(raw: bytes, line: int) -> Any:
         return orjson.loads(text) if text else _BLANK
 
 
+def _not_json(raw: bytes, line: int) -> str:
+    """Why a line `_load` refused is not JSON, in plain words, with the column (counted
+    in characters from the line's start, as an editor shows it)."""
+    text = raw.decode("utf-8")
+    if line == 1:
+        text = text.removeprefix("\ufeff")
+    stripped = text.strip()
+    try:
+        orjson.loads(stripped)
+        return "not JSON"  # not reached: _load refused this very text
+    except orjson.JSONDecodeError as e:
+        pos, msg = e.pos, e.msg
+    col = len(text) - len(text.lstrip()) + pos + 1
+    found = re.match(r"[A-Za-z_]\w*|.", stripped[pos:])
+    at = found.group()[:40] if found else ""
+    if pos == 0:
+        return f"not JSON: expected a JSON object, starting with '{{', found {stripped[:40]!r}"
+    if "end of data" in msg:
+        return (
+            "not JSON: the line ends before the JSON object is closed "
+            "(a '}', ']' or '\"' is missing)"
+        )
+    if "after document" in msg:
+        return (
+            f"not JSON: more text after the end of the JSON object, at column {col} "
+            "(one request per line, nothing after it)"
+        )
+    if "trailing comma" in msg:
+        return f"not JSON: a comma before a closing bracket at column {col} (JSON allows none)"
+    if "control character" in msg:
+        return (
+            f"not JSON: a raw control character (a tab, a newline…) in a string at column "
+            f"{col}; write it escaped (\\t, \\n)"
+        )
+    if at == "'":
+        return f"not JSON: a single quote at column {col}; JSON strings and keys take double quotes"
+    if "literal" in msg or "JSON value" in msg:
+        return (
+            f"not JSON: unexpected {at!r} at column {col}; a JSON value is an object, a list, "
+            "a string in double quotes, a number, true, false or null"
+        )
+    expected = re.search(r"(?:^|, )expected (.+)$", msg)
+    if expected:
+        return f"not JSON: expected {expected.group(1)} at column {col}, found {at!r}"
+    return f"not JSON: {msg} at column {col}"  # orjson's words, without its "line 1"
+
+
+def _kind(value: Any) -> str:
+    """What a JSON value is, in words ('an array', 'a string', …)."""
+    if type(value) is list:
+        return "an array"
+    if type(value) is str:
+        return "a string"
+    if value is None or type(value) is bool:
+        return json.dumps(value)
+    return "a number"
+
+
 def read_request(raw: bytes, line: int) -> Request | None:
     """A line that validation already accepted, parsed without checking it again.
 
@@ -224,34 +233,39 @@ def read_request(raw: bytes, line: int) -> Request | None:
 
 
 def parse_line(raw: bytes, line: int) -> Request | LineError | None:
-    """Parse and check one line of an input file. None for a blank line.
+    """Parse and check one line of an input file: a Request, or a LineError naming every
+    problem of the line. None for a blank line.
 
     Raises UnicodeDecodeError for bytes that are not UTF-8 (the whole file fails).
     """
     try:
         obj = _load(raw, line)
-    except orjson.JSONDecodeError as e:
-        return LineError(line, None, "invalid_json", f"line {line}: not valid JSON ({e})")
+    except orjson.JSONDecodeError:
+        return LineError(line, None, "invalid_json", (_not_json(raw, line),))
     if obj is _BLANK:
         return None
     if type(obj) is not dict:
-        return LineError(line, None, "invalid_request", f"line {line}: must be a JSON object")
-    custom_id = obj.get("custom_id")
+        found = f'expected a JSON object ({{"custom_id": …}}), found {_kind(obj)}'
+        return LineError(line, None, "invalid_request", (found,))
+    problems: list[str] = []  # every one: a field that is wrong hides no other
+    custom_id: Any = obj.get("custom_id")
     if type(custom_id) is not str or not custom_id:
-        return LineError(
-            line, None, "invalid_request", f"line {line}: custom_id must be a non-empty string"
-        )
-    url: Any = obj.get("url")
-    problem: str | None
+        problems.append(_must(obj, "custom_id", "a non-empty string"))
+        custom_id = None
     if obj.get("method") != "POST":
-        problem = f'method must be "POST", got {json.dumps(obj.get("method"))}'
-    elif url not in SUPPORTED_URLS:
-        problem = f"url must be one of {', '.join(SUPPORTED_URLS)}, got {json.dumps(url)}"
+        problems.append(_must(obj, "method", '"POST"'))
+    url: Any = obj.get("url")
+    if url not in SUPPORTED_URLS:
+        problems.append(_must(obj, "url", f"one of {', '.join(SUPPORTED_URLS)}"))
+        url = None  # the body's sampling fields are still checked
+    body: Any = obj.get("body")
+    if type(body) is dict:
+        _check_body(url, body, problems)
     else:
-        problem = check_body(url, obj.get("body"))
-    if problem:
-        return LineError(line, custom_id, "invalid_request", f"line {line}: {problem}")
-    return Request(line, custom_id, url, obj["body"])
+        problems.append(_must(obj, "body", "a JSON object"))
+    if problems:
+        return LineError(line, custom_id, "invalid_request", tuple(problems))
+    return Request(line, custom_id, url, body)
 
 
 def model_mismatch(request: Request, wanted: str, job_model: str) -> LineError:
@@ -260,9 +274,11 @@ def model_mismatch(request: Request, wanted: str, job_model: str) -> LineError:
         request.line,
         request.custom_id,
         MODEL_MISMATCH,
-        f"line {request.line}: body.model {request.body.get('model')!r} runs on "
-        f"{wanted!r}, but this job runs on {job_model!r} (set by its first request): "
-        "submit requests for another model in a separate file",
+        (
+            f"body.model {request.body.get('model')!r} runs on {wanted!r}, but this job "
+            f"runs on {job_model!r} (set by its first request): submit requests for "
+            "another model in a separate file",
+        ),
     )
 
 
@@ -270,11 +286,13 @@ def one_model(
     items: Iterable[Request | LineError],
     resolve: Callable[[object], str],
     job_model: str | None = None,
+    one_error_a_line: bool = True,
 ) -> Iterator[Request | LineError]:
     """`scan_file`'s items with the one-model-per-job rule applied (for the runner and
     `spoold validate` alike): a valid line whose body.model `resolve`s to another model
     than the job's (`job_model`, else the first valid line's) becomes a model_mismatch
-    error, and its later duplicate_custom_id replacement is dropped: one error a line."""
+    error, and its later duplicate_custom_id replacement is dropped (one error a line)
+    unless `one_error_a_line` is false."""
     fine: set[object] = set()  # body.model values known to run on the job's model
     mismatched: set[int] = set()
     for item in items:
@@ -288,7 +306,7 @@ def one_model(
                     yield model_mismatch(item, wanted, job_model)
                     continue
                 fine.add(name)
-        elif item.code == DUPLICATE and item.line in mismatched:
+        elif one_error_a_line and item.code == DUPLICATE and item.line in mismatched:
             continue
         yield item
 
@@ -298,8 +316,10 @@ def duplicate_error(line: int, custom_id: str, first_line: int) -> LineError:
         line,
         custom_id,
         DUPLICATE,
-        f"line {line}: custom_id {custom_id!r} already used on line {first_line}; "
-        "custom_id must be unique in a file",
+        (
+            f"custom_id {custom_id!r} is already used on line {first_line} "
+            "(a custom_id must be unique in the file)",
+        ),
     )
 
 
@@ -346,12 +366,15 @@ def scan_file(
     spill_dir: Path | None = None,
     expected: int = 0,
     shape: Shape | None = None,
+    every_duplicate: bool = False,
 ) -> Iterator[Request | LineError]:
     """Check every line of an input file, streamed: what admission and validation see.
 
     Yields one item per non-blank line, in order; then, for every valid line whose
     custom_id appeared on an earlier line, a `duplicate_custom_id` LineError that
-    *replaces* the Request already yielded for that line. Memory stays bounded
+    *replaces* the Request already yielded for that line (with `every_duplicate`, also
+    one for each invalid line that repeats an id: a second error of that line, for
+    `spoold validate`; not in line order when ids spilled). Memory stays bounded
     (`unique.UniqueIds`: past `expected` ids it spills to `spill_dir`). Raises
     NotUtf8Error for a file that is not UTF-8 text. `shape`, if given, is filled in
     (for the ledger's audit, which then need not read the input again).
@@ -368,7 +391,7 @@ def scan_file(
                     line_no,
                     None,
                     "line_too_long",
-                    f"line {line_no}: longer than {max_line_bytes} bytes (limits.max_line_bytes)",
+                    (f"longer than {max_line_bytes} bytes (limits.max_line_bytes)",),
                 )
                 continue
             try:
@@ -382,7 +405,7 @@ def scan_file(
             if parsed.custom_id is not None:
                 ids.add(line_no, parsed.custom_id, isinstance(parsed, Request))
             yield parsed
-        for line, custom_id, first in ids.duplicates():
+        for line, custom_id, first in ids.duplicates(every_duplicate):
             yield duplicate_error(line, custom_id, first)
 
 

@@ -52,11 +52,90 @@ def test_validate_prints_every_problem_and_submits_nothing(tmp_path: Path) -> No
     assert proc.returncode == 1
     out = proc.stdout
     assert "line 2" in out and "line 3" in out and "line 4" in out
-    assert "body.temperature" in out and "5 requests, 2 valid, 3 problem(s)" in out
+    assert "body.temperature" in out and "5 requests, 2 valid, 3 invalid (3 problems)" in out
     assert not list((tmp_path / "spool" / "incoming").iterdir())
     good = write_jsonl(tmp_path / "good.jsonl", [chat("a")])
     proc = run_spoold("validate", str(good))  # no config needed: defaults
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_validate_lists_every_problem_of_every_line_in_line_order(tmp_path: Path) -> None:
+    """What a new user met: a `tools` field hid `temperature: "hot"`, line 2's repeated
+    custom_id came after the last line's problem, "1 requests", and a line that is not
+    JSON explained by the decoder ("line 1 column 1 (char 0)"). The daemon's
+    errors.jsonl carries the same problems, one error line per input line."""
+    cfg = make_config(tmp_path)
+    trailing = '{"custom_id": "c", "method": "POST",}'
+    lines: list[dict[str, object] | str] = [
+        chat("a"),
+        chat("a"),  # 2: repeats line 1's custom_id
+        chat("b", tools=[{"type": "function"}], temperature="hot"),  # 3: two problems
+        "nonsense",
+        trailing,
+        {**chat("d", temperature=9), "method": "GET"},
+        chat("b", max_tokens=0),  # 7: invalid, and repeats line 3's custom_id
+        {"custom_id": "e"},
+    ]
+    f = write_jsonl(tmp_path / "first-hour.jsonl", lines)
+    proc = run_spoold("validate", "--config", str(cfg), str(f))
+    assert proc.returncode == 1
+    listed = [x.removeprefix(f"{f}: ") for x in proc.stdout.splitlines()]
+    unique = "(a custom_id must be unique in the file)"
+    assert listed == [
+        f"line 2: custom_id 'a' is already used on line 1 {unique}",
+        "line 3: body.tools is not supported by spoold (remove it from the request)",
+        'line 3: body.temperature must be a number in [0, 2], got "hot"',
+        "line 4: not JSON: expected a JSON object, starting with '{', found 'nonsense'",
+        f"line 5: not JSON: a comma before a closing bracket at column {trailing.index(',}') + 1}"
+        " (JSON allows none)",
+        'line 6: method must be "POST", got "GET"',
+        "line 6: body.temperature must be a number in [0, 2], got 9",
+        "line 7: body.max_tokens must be an integer >= 1, got 0",
+        f"line 7: custom_id 'b' is already used on line 3 {unique}",
+        'line 8: method is missing: it must be "POST"',
+        "line 8: url is missing: it must be one of /v1/chat/completions, /v1/completions",
+        "line 8: body is missing: it must be a JSON object",
+        "8 requests, 1 valid, 7 invalid (12 problems)",
+    ], proc.stdout
+
+    run_spoold("submit", "--config", str(cfg), str(f), check=True)
+    drain(cfg)
+    job = only_job(tmp_path / "spool", "done")
+    # Each error's message starts with its line number.
+    errors = {
+        int(e["error"]["message"].split(":")[0].removeprefix("line ")): e
+        for e in read_results(job, "errors.jsonl")
+    }
+    assert sorted(errors) == [2, 3, 4, 5, 6, 7, 8]  # one error line per invalid line
+    by_line = {n: e["error"]["message"] for n, e in errors.items()}
+    assert by_line[3] == (
+        "line 3: body.tools is not supported by spoold (remove it from the request); "
+        'body.temperature must be a number in [0, 2], got "hot"'
+    )
+    assert errors[3]["error"]["code"] == "invalid_request"
+    assert "method must be" in by_line[6] and "body.temperature" in by_line[6]
+    assert by_line[8].count("is missing") == 3
+    assert errors[4]["error"]["code"] == "invalid_json" and "not JSON" in by_line[4]
+    # Line 7 is dead-lettered for its own problem; its repeated id changes nothing.
+    assert errors[7]["error"]["code"] == "invalid_request" and "unique" not in by_line[7]
+
+
+def test_validate_counts_in_words(tmp_path: Path) -> None:
+    one = write_jsonl(tmp_path / "one.jsonl", [chat("a")])
+    proc = run_spoold("validate", str(one))
+    assert proc.returncode == 0
+    assert proc.stdout == f"{one}: 1 request, 1 valid, 0 invalid (0 problems)\n"
+    bad = write_jsonl(tmp_path / "bad.jsonl", [chat("a"), chat("b", n=0)])
+    proc = run_spoold("validate", str(bad))
+    assert proc.stdout.endswith(f"{bad}: 2 requests, 1 valid, 1 invalid (1 problem)\n")
+    for name, data in (("empty.jsonl", b""), ("blank.jsonl", b"\n \r\n")):
+        (tmp_path / name).write_bytes(data)
+        proc = run_spoold("validate", str(tmp_path / name))
+        assert proc.returncode == 1
+        assert proc.stdout == (
+            f"{tmp_path / name}: no request lines (the file is empty or blank): the whole "
+            f"file would fail\n{tmp_path / name}: 0 requests, 0 valid, 0 invalid (1 problem)\n"
+        )
 
 
 def test_validate_reports_lines_for_another_model_as_the_daemon_would(tmp_path: Path) -> None:
@@ -70,7 +149,9 @@ def test_validate_reports_lines_for_another_model_as_the_daemon_would(tmp_path: 
     proc = run_spoold("validate", "--config", str(cfg), str(f))
     assert proc.returncode == 1
     assert "line 2: body.model 'big-alias' runs on 'big'" in proc.stdout, proc.stdout
-    assert "4 requests, 2 valid, 2 problem(s)" in proc.stdout, proc.stdout
+    assert "4 requests, 2 valid, 2 invalid (3 problems)" in proc.stdout, proc.stdout
+    # Line 4's second problem: the daemon files one error a line, validate lists both.
+    assert "line 4: custom_id 'b' is already used on line 2" in proc.stdout, proc.stdout
     run_spoold("submit", "--config", str(cfg), str(f), check=True)
     drain(cfg)
     job = only_job(tmp_path / "spool", "done")

@@ -337,6 +337,65 @@ def test_file_that_is_not_utf8_fails_whole(tmp_path: Path) -> None:
     assert job_dirs(spool_of(cfg), "done") == []
 
 
+# Every character str.splitlines() splits a string on (JSON escapes those below 0x20
+# already), then the other C1 controls and DEL, then characters that stay raw UTF-8.
+SPLITS = "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
+ESCAPED = SPLITS + "\x7f\x80\x9f"
+KEPT = "é—“”\u00a0"
+
+
+def test_result_files_split_into_records_at_newline_alone(tmp_path: Path) -> None:
+    """SPEC §4: whatever a request carries back into a result line (its custom_id, its
+    body.model, both echoed), output.jsonl and errors.jsonl read with str.splitlines()
+    give exactly one JSON record per request, and every character round-trips."""
+    cfg = make_config(tmp_path, engine={"backend": "fake", "fake": {"fail_marker": "POISON"}})
+    odd = ESCAPED + KEPT
+    answered = [chat(f"ok{c}{i}", f"q {i}", model=f"m{c}") for i, c in enumerate(odd)]
+    answered.append(chat(f"all{odd}", "q", model=odd))
+    refused = [chat(f"bad{c}{i}", temperature="hot") for i, c in enumerate(odd)]
+    poisoned = chat(f"poison{odd}", "POISON here")  # the engine's error line (status 500)
+    repeated = chat(answered[0]["custom_id"])  # its message quotes the custom_id
+    write_jsonl(incoming(cfg) / "odd.jsonl", [*answered, *refused, poisoned, repeated])
+
+    drain(cfg)
+
+    job = only_job(spool_of(cfg), "done")
+    failed = [*refused, poisoned, repeated]
+    for name, sent in (("output.jsonl", answered), ("errors.jsonl", failed)):
+        text = (job / name).read_text(encoding="utf-8")
+        records = [json.loads(x) for x in text.splitlines()]
+        assert len(records) == len(sent), f"{name}: {len(records)} records for {len(sent)}"
+        assert sorted(r["custom_id"] for r in records) == sorted(r["custom_id"] for r in sent)
+        assert text.count("\n") == len(sent), f"{name}: a line break inside a record"
+        assert not [c for c in ESCAPED[1:] if c in text], f"{name} holds them raw"
+        assert all(c in text for c in KEPT), f"{name}: UTF-8 text is kept as it is"
+    out = {r["custom_id"]: r for r in read_results(job, "output.jsonl")}
+    for r in answered:
+        assert out[r["custom_id"]]["response"]["body"]["model"] == r["body"]["model"]
+    errors = {r["custom_id"]: r for r in read_results(job, "errors.jsonl")}
+    assert errors[poisoned["custom_id"]]["response"]["status_code"] == 500
+    assert_completed_job(job, "odd.jsonl", completed=len(answered), failed=len(failed))
+
+
+def test_a_file_without_request_lines_fails_saying_so(tmp_path: Path) -> None:
+    """An empty or blank-only file fails whole; its reason says what is true, not "see
+    errors.jsonl" (which is empty)."""
+    cfg = make_config(tmp_path)
+    (incoming(cfg) / "empty.jsonl").write_bytes(b"")
+    (incoming(cfg) / "blank.jsonl").write_bytes(b"\n  \r\n\t\n")
+
+    drain(cfg)
+
+    spool = spool_of(cfg)
+    for name, what in (("empty.jsonl", "it is empty"), ("blank.jsonl", "its 3 lines are blank")):
+        st = assert_failed_entry(spool, name)
+        assert st["error"] == (
+            f"{name} has no request lines: {what}; put one JSON request on each line and "
+            "submit it again"
+        )
+        assert read_results(job_by_source(spool, "failed", name), "errors.jsonl") == []
+
+
 # -- 4. hostile inputs -------------------------------------------------------------------
 
 

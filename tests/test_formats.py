@@ -62,3 +62,16 @@ def test_non_ascii_is_kept_as_utf8() -> None:
     c = Completion(req(chat("r", content="héllo")), "m", [Choice("ça va", "stop")], 1, 1)
     raw = output_line("job", c, 1)
     assert "ça va".encode() in raw
+
+
+def test_lines_break_at_newline_alone_for_every_reader() -> None:
+    """SPEC §4: U+2028, U+2029, U+0085 (str.splitlines() splits on them), the other C1
+    controls and DEL are written escaped; other non-ASCII text stays UTF-8."""
+    odd = "a\x85b\u2028c\u2029d\x7fe\x80f\x9fg\x1ch é“”"
+    c = Completion(req(chat(odd, content="q")), "m", [Choice(odd, "stop")], 1, 1)
+    for raw in (output_line("job", c, 1), error_line("job", 2, odd, "x", odd, 500)):
+        text = raw.decode()
+        assert text.splitlines() == [text[:-1]]
+        assert "\\u0085" in text and "\\u2028" in text and "\\u007f" in text and "é“”" in text
+        rec = json.loads(text)
+        assert rec["custom_id"] == odd

@@ -61,7 +61,7 @@ def test_non_utf8_raises() -> None:
 @pytest.mark.parametrize(
     ("obj", "code", "custom_id", "needle"),
     [
-        ("not json", "invalid_json", None, "not valid JSON"),
+        ("not json", "invalid_json", None, "not JSON"),
         ([1, 2], "invalid_request", None, "JSON object"),
         ({"method": "POST"}, "invalid_request", None, "custom_id"),
         ({**chat("x"), "custom_id": ""}, "invalid_request", None, "custom_id"),
@@ -185,3 +185,63 @@ def test_scan_file_not_utf8_names_line() -> None:
     with pytest.raises(NotUtf8Error) as err:
         list(scan_file(io.BytesIO(data), 1000))
     assert err.value.line == 2
+
+
+def test_every_problem_of_a_line_is_named_in_one_error() -> None:
+    """A field that is wrong hides no other: the error names them all, in the line's
+    order, and keeps the first one's code for errors.jsonl's consumers."""
+    obj = {**chat("x", tools=[], temperature="hot", top_p=5), "method": "GET"}
+    err = parse_line(line(obj), 9)
+    assert isinstance(err, LineError)
+    assert (err.code, err.custom_id) == ("invalid_request", "x")
+    assert err.problems == (
+        'method must be "POST", got "GET"',
+        "body.tools is not supported by spoold (remove it from the request)",
+        'body.temperature must be a number in [0, 2], got "hot"',
+        "body.top_p must be a number in (0, 1], got 5",
+    )
+    assert err.message == "line 9: " + "; ".join(err.problems)
+    bad_messages = chat("y")
+    bad_messages["body"]["messages"] = [{"role": "wizard", "content": 5}, "hi"]
+    err = parse_line(line({**bad_messages, "url": "/v1/chat/completions"}), 2)
+    assert isinstance(err, LineError) and len(err.problems) == 3, err
+    missing = parse_line(line({"custom_id": "z", "body": {"temperature": 9}}), 3)
+    assert isinstance(missing, LineError)
+    assert missing.problems == (
+        'method is missing: it must be "POST"',
+        "url is missing: it must be one of /v1/chat/completions, /v1/completions",
+        "body.temperature must be a number in [0, 2], got 9",  # checked without a url
+    )
+
+
+@pytest.mark.parametrize(
+    ("raw", "says"),
+    [
+        ("nonsense", "not JSON: expected a JSON object, starting with '{', found 'nonsense'"),
+        ("{oops", "not JSON: expected a string key at column 2, found 'oops'"),
+        ('{"a": 1', "not JSON: the line ends before the JSON object is closed"),
+        ('{"a": 1} x', "not JSON: more text after the end of the JSON object, at column 10"),
+        ('{"a": 1,}', "not JSON: a comma before a closing bracket at column 8"),
+        ("{'a': 1}", "not JSON: a single quote at column 2; JSON strings and keys take double"),
+        ('{"a": tru}', "not JSON: unexpected 'tru' at column 7; a JSON value is an object"),
+        ('{"a": NaN}', "not JSON: unexpected 'NaN' at column 7"),
+        ('{"a": "\t"}', "not JSON: a raw control character (a tab, a newline…) in a string at"),
+        (
+            '   {"é": 1 2}',
+            "not JSON: expected ',' or '}' at column 12, found '2'",
+        ),  # characters, not bytes
+    ],
+)
+def test_a_line_that_is_not_json_is_explained_in_plain_words(raw: str, says: str) -> None:
+    err = parse_line(raw.encode() + b"\n", 4)
+    assert isinstance(err, LineError) and err.code == "invalid_json"
+    (problem,) = err.problems
+    assert problem.startswith(says), problem
+    assert "(char " not in problem and "line 1" not in problem  # not the decoder's words
+
+
+def test_a_line_that_is_not_an_object_says_what_it_is() -> None:
+    for raw, kind in [("[1, 2]", "an array"), ('"s"', "a string"), ("7", "a number")]:
+        err = parse_line(raw.encode(), 1)
+        assert isinstance(err, LineError)
+        assert err.problems == (f'expected a JSON object ({{"custom_id": …}}), found {kind}',)
