@@ -12,7 +12,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import yaml
 
@@ -73,6 +73,17 @@ def run_spoold(
     if check and proc.returncode != 0:
         raise AssertionError(f"spoold {args} exited {proc.returncode}:\n{proc.stderr}{proc.stdout}")
     return proc
+
+
+def start_spoold(*args: str, log: IO[bytes] | None = None) -> subprocess.Popen[bytes]:
+    """The real `spoold` in the background (stop it with the pid it returns): its output
+    to `log`, or nowhere."""
+    return subprocess.Popen(
+        [*SPOOLD, *args],
+        stdout=log if log is not None else subprocess.DEVNULL,
+        stderr=subprocess.STDOUT if log is not None else subprocess.DEVNULL,
+        env=_env(),
+    )
 
 
 def drain(config: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:

@@ -23,13 +23,12 @@ from spoold.admission import UNMOVABLE_RETRY_S, Admission, AdmitReport
 from spoold.config import LimitsConfig
 from spoold.spool import Spool
 from tests.helpers import (
-    SPOOLD,
-    _env,
     assert_exactly_once,
     chat,
     job_dirs,
     make_config,
     run_spoold,
+    start_spoold,
     state,
     wait_for,
     write_jsonl,
@@ -368,12 +367,7 @@ class Running:
 
     def start(self) -> None:
         with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen(
-                [*SPOOLD, "run", "--config", str(self.cfg)],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=_env(),
-            )
+            self.proc = start_spoold("run", "--config", str(self.cfg), log=out)
 
     def beat(self) -> dict[str, Any]:
         try:
@@ -504,12 +498,7 @@ def test_a_drain_that_cannot_look_at_incoming_exits_1_and_says_why(tmp_path: Pat
     spool = tmp_path / "spool"
     write_jsonl(spool / "incoming" / "long.jsonl", requests(1500, "l"))
     with open(tmp_path / "drain.log", "ab") as out:
-        proc = subprocess.Popen(
-            [*SPOOLD, "run", "--config", str(cfg), "--drain"],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=_env(),
-        )
+        proc = start_spoold("run", "--config", str(cfg), "--drain", log=out)
     try:
         wait_for(
             lambda: any(state(j)["status"] == "running" for j in job_dirs(spool, "processing")),

@@ -16,6 +16,7 @@ from tests.helpers import (
     only_job,
     read_results,
     run_spoold,
+    start_spoold,
     state,
     write_jsonl,
 )
@@ -200,12 +201,7 @@ def test_retry_refuses_a_job_still_in_processing(tmp_path: Path) -> None:
     )
     spool = tmp_path / "spool"
     write_jsonl(spool / "incoming" / "job.jsonl", [chat(f"r{i}") for i in range(400)])
-    daemon = subprocess.Popen(
-        [*SPOOLD, "run", "--config", str(cfg)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=_env(),
-    )
+    daemon = start_spoold("run", "--config", str(cfg))
     try:
         deadline = time.monotonic() + 30
         while not job_dirs(spool, "processing") and time.monotonic() < deadline:

@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
 from pathlib import Path
 
-from tests.helpers import SPOOLD, _env, chat, make_config, wait_for, write_jsonl
+from tests.helpers import chat, make_config, start_spoold, wait_for, write_jsonl
 
 
 def _beat(spool: Path) -> dict[str, object]:
@@ -22,12 +21,7 @@ def _beat(spool: Path) -> dict[str, object]:
 def test_a_new_status_is_written_at_once_not_at_the_next_beat(tmp_path: Path) -> None:
     cfg = make_config(tmp_path, heartbeat={"interval_s": 60, "stale_after_s": 300})
     spool = tmp_path / "spool"
-    daemon = subprocess.Popen(
-        [*SPOOLD, "run", "--config", str(cfg)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=_env(),
-    )
+    daemon = start_spoold("run", "--config", str(cfg))
     try:
         # With a beat every 60 s, only the status changes can bring these in time.
         wait_for(lambda: _beat(spool).get("status") == "idle", timeout=20, what="idle")

@@ -23,6 +23,7 @@ from tests.helpers import (
     job_dirs,
     make_config,
     run_spoold,
+    start_spoold,
     state,
     wait_for,
     write_jsonl,
@@ -235,12 +236,7 @@ class _daemon:
         self.cfg = cfg
 
     def __enter__(self) -> subprocess.Popen[bytes]:
-        self.proc = subprocess.Popen(
-            [*SPOOLD, "run", "--config", str(self.cfg)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            env=_env(),
-        )
+        self.proc = start_spoold("run", "--config", str(self.cfg))
         return self.proc
 
     def __exit__(self, *_: object) -> None:

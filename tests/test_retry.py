@@ -23,6 +23,7 @@ from tests.helpers import (
     only_job,
     read_results,
     run_spoold,
+    start_spoold,
     state,
     wait_for,
     write_jsonl,
@@ -38,12 +39,7 @@ def _cancelled_mid_job(tmp_path: Path, n: int) -> tuple[Path, Path, bytes]:
     )
     spool = tmp_path / "spool"
     write_jsonl(spool / "incoming" / "long.jsonl", [chat(f"r{i}") for i in range(n)])
-    daemon = subprocess.Popen(
-        [*SPOOLD, "run", "--config", str(cfg), "--drain"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=_env(),
-    )
+    daemon = start_spoold("run", "--config", str(cfg), "--drain")
     try:
         job = wait_for(
             lambda: next(
