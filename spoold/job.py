@@ -141,6 +141,10 @@ class JobState:
         self.attempts = 0
         self.writers = []
         self.retries += 1
+        if self.checkpoint.completed == 0:
+            # No answer came from its model: the model is chosen again from the config
+            # (one that could not load may be fixed by now); with answers, it stays.
+            self.model = None
 
     @property
     def remaining(self) -> int:

@@ -21,7 +21,16 @@ import orjson
 
 from spoold.heartbeat import parse_time
 from spoold.job import CANCELLED, COMPLETED, FAILED, QUEUED, RUNNING, STATE, STATUSES
-from spoold.layout import DONE, INCOMING, PROCESSING, job_dir_entries, waiting_files
+from spoold.layout import (
+    DONE,
+    INCOMING,
+    PROCESSING,
+    RETRY_PREFIX,
+    interrupted_retry,
+    job_dir_entries,
+    retrying_entries,
+    waiting_files,
+)
 from spoold.layout import FAILED as FAILED_DIR
 
 WAITING = "waiting"
@@ -182,7 +191,10 @@ def _waiting(entry: os.DirEntry[str]) -> Listed | None:
 
 def _entries(base: Path, listing: Listing) -> list[os.DirEntry[str]]:
     try:
-        return waiting_files(base) if base.name == INCOMING else job_dir_entries(base)
+        if base.name == INCOMING:
+            return waiting_files(base)
+        extra = retrying_entries(base) if base.name == FAILED_DIR else []
+        return job_dir_entries(base) + extra
     except OSError as e:
         listing.unlisted.append(
             f"{base}: cannot be listed ({e.strerror or e}): the jobs there are not shown"
@@ -215,6 +227,9 @@ def list_jobs(spool: Path, state: str | None = None) -> Listing:
                         f"(it is in {where}/) with nothing else known: repair its {STATE}"
                     )
                 item = read
+                if item is not None and entry.name.startswith(RETRY_PREFIX):
+                    item.id = entry.name[len(RETRY_PREFIX) :]
+                    listing.problems.append(f"{interrupted_retry(Path(entry.path))}")
             if item is not None and item.state in wanted:
                 found[(WAITING if where == INCOMING else "job", item.id)] = item
     listing.jobs = sorted(

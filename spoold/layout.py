@@ -28,7 +28,28 @@ def find_job_dir(spool: Path, job_id: str) -> Path | None:
     for where in (PROCESSING, DONE, FAILED):
         if (spool / where / job_id).is_dir():
             return spool / where / job_id
-    return None
+    retrying = spool / FAILED / f"{RETRY_PREFIX}{job_id}"  # an interrupted retry (R1)
+    return retrying if retrying.is_dir() else None
+
+
+def retrying_entries(failed: Path) -> list[os.DirEntry[str]]:
+    """Jobs a `spoold retry` was putting back in the queue when it was interrupted
+    (`failed/.retry-<job_id>`, design §6a R1): still jobs, to every command."""
+    try:
+        with os.scandir(failed) as it:
+            return [
+                d for d in it if d.name.startswith(RETRY_PREFIX) and d.is_dir(follow_symlinks=False)
+            ]
+    except FileNotFoundError:
+        return []
+
+
+def interrupted_retry(job_dir: Path) -> str | None:
+    """What to do about a job found in failed/.retry-<job_id>; None for any other."""
+    if not job_dir.name.startswith(RETRY_PREFIX):
+        return None
+    job_id = job_dir.name[len(RETRY_PREFIX) :]
+    return f"a `spoold retry` of {job_id} was interrupted: run `spoold retry {job_id}` again"
 
 
 def job_dir_entries(base: Path) -> list[os.DirEntry[str]]:

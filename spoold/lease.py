@@ -24,14 +24,19 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+import structlog
+
 from spoold import fsio
 from spoold.fsio import Fenced
+from spoold.layout import FAILED, PROCESSING
 
 TOKEN_BYTES = 6  # 12 hex digits
 LEASE_SUFFIX = ".lease"
 FENCED_MARK = ".fenced-"
 HEARTBEAT_GRAVE_SUFFIX = ".grave"
 POLL_S = 0.05  # how often a starting daemon looks at its instance's heartbeat again
+
+log = structlog.get_logger("spoold.lease")
 
 
 def _host_id() -> str:
@@ -249,8 +254,35 @@ def remove_fenced(grave: Path) -> None:
     """Remove a fenced lease directory (its own incarnation can no longer write into
     it; another fencer may be removing it too). What cannot go yet (an NFS client's
     `.nfs*` file for a temp its writer still holds open) goes at a later recovery."""
+    rescue_parked(grave)
     with contextlib.suppress(OSError):
         fsio.remove_tree(grave)
+
+
+def rescue_parked(lease_dir: Path) -> None:
+    """Put back in processing/ any job directory parked in a lease directory (design §2
+    W3: a job is filed through its owner's lease directory; its owner died or was
+    fenced between the two moves). Recovery files it from there (C9). Never removes a
+    job: one whose name is taken in processing/ goes to failed/, said loudly."""
+    try:
+        parked = [e for e in os.scandir(lease_dir) if e.is_dir(follow_symlinks=False)]
+    except OSError:
+        return
+    spool = lease_dir.parent.parent
+    for entry in parked:
+        home = spool / PROCESSING / entry.name
+        try:
+            try:
+                fsio.move(Path(entry.path), home)
+            except FileExistsError:
+                home = spool / FAILED / f"{entry.name}-rescued-{secrets.token_hex(3)}"
+                fsio.move(Path(entry.path), home)
+                log.error("a job parked in a lease directory had a twin in processing/",
+                          job_id=entry.name, moved_to=str(home))  # fmt: skip
+        except FileNotFoundError:
+            continue  # another fencer of the same directory was first
+        except OSError as e:
+            log.error("cannot put a parked job back", job_id=entry.name, error=str(e))
 
 
 def take_record(
@@ -509,6 +541,7 @@ class Lease:
         """A clean exit: after the last heartbeat, our lease directory goes (we are
         dead to everyone from here)."""
         self.fenced, self.holding = True, False  # nothing more is written through it
+        rescue_parked(self.dir)
         with contextlib.suppress(OSError):
             fsio.remove_tree(self.dir)
 

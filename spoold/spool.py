@@ -20,6 +20,7 @@ from typing import Any
 import structlog
 
 from spoold import fsio
+from spoold.fsio import Fenced
 from spoold.job import (
     CANCEL,
     COMPLETED,
@@ -368,13 +369,39 @@ class Spool:
         W3: the move only follows a terminal record that landed)."""
         self.save(job_dir, state)
         target = (self.done if state.status == COMPLETED else self.failed) / job_dir.name
+        status, generation = state.status, state.owner_generation
+        if not self._file(job_dir, target, status, generation):
+            raise Fenced(f"job {job_dir.name} changed hands before it could be filed")
+        return target
+
+    def _file(self, job_dir: Path, target: Path, status: str, generation: int) -> bool:
+        """Move a job whose terminal record (`status`, written by owner `generation`) we
+        saw, from processing/ to `target`, through our lease directory (design §2 W3):
+        a fenced daemon's move fails, however long it stalled; a job that came back to
+        processing/ meanwhile (`spoold retry`) is not the one we saw: it goes back, and
+        False. True once the job is filed (by us, or by a peer's recovery, C9)."""
+        parked = self.lease.dir / job_dir.name
         try:
-            fsio.move(job_dir, target)
-        except (FileNotFoundError, FileExistsError):
-            # A peer's recovery completed the move (C9) while we stalled after the record.
+            fsio.move(job_dir, parked)
+        except FileNotFoundError:
+            self.lease.check()  # our lease directory is gone: Fenced
             if os.path.lexists(job_dir) or not target.is_dir():
                 raise
-        return target
+            return True  # a peer's recovery completed the move (C9) while we stalled
+        found = read_job(parked)
+        if not (
+            isinstance(found, JobState)
+            and found.status == status
+            and found.owner_generation == generation
+        ):
+            fsio.move(parked, job_dir)  # not the record we judged: back where it was
+            return False
+        try:
+            fsio.move(parked, target)
+        except FileNotFoundError:
+            self.lease.check()  # fenced between the two moves: the fencer puts it back
+            raise
+        return True
 
     def request_cancel(self, job_dir: Path) -> None:
         """Ask the daemon to stop a job at its next chunk boundary."""
@@ -644,8 +671,15 @@ class Spool:
         fsio.remove_stray_temps(d)
         if state.status in TERMINAL:  # C9: terminal state written, move not done
             log.info("finishing interrupted move", job_id=state.id, status=state.status)
+            # Its owner may only be stalled before its own move: fenced first, that
+            # move fails (W3) and cannot carry off the job once it is back (§6a).
+            _raw, judged = read_raw(d / OWNER)
+            holder = Holder.from_record(judged) if judged is not None else None
+            if holder is not None and holder.token != self.lease.token:
+                fence(self.heartbeats, holder)
             target = (self.done if state.status == COMPLETED else self.failed) / d.name
-            fsio.move(d, target)
+            self.lease.ensure_dir()
+            self._file(d, target, state.status, state.owner_generation)
 
     def _staging_holder(self, staging: Path, prefix: str) -> tuple[Holder | None, str]:
         """Whose staging dir this is, and the job id it stages."""

@@ -57,6 +57,7 @@ from spoold.layout import (
     PROCESSING,
     count_waiting,
     find_job_dir,
+    interrupted_retry,
     is_upload_in_progress,
     job_dir_entries,
 )
@@ -482,6 +483,8 @@ def render_job(where: str, state: dict[str, Any], view: dict[str, Any], job_dir:
         )
     if state.get("error"):
         lines.append(f"  error: {state['error']}")
+    if (interrupted := interrupted_retry(job_dir)) is not None:
+        lines.append(f"  note: {interrupted}")
     paths = [path for path in results(job_dir).values() if path]
     lines.append(f"  results: {', '.join(paths) or 'none yet'}")
     return "\n".join(lines)
@@ -532,7 +535,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 print(problem)
             return max(report.exit_code, DEGRADED)
-        job_dir = cfg.spool_dir / where_ / args.job_id
+        job_dir = find_job_dir(cfg.spool_dir, args.job_id) or cfg.spool_dir / where_ / args.job_id
         in_processing = where_ == PROCESSING
         owner = _read_owner(job_dir) if in_processing else None
         view = _job_view(state, report.daemons, report.now, owner, waits=in_processing)

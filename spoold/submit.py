@@ -76,11 +76,10 @@ def retry_job(spool: Spool, job_id: str, max_line_bytes: int) -> str:
     """`spoold retry`: a cancelled or wholly failed job goes back in the queue under its
     id (design §6a); a finished one gets a new file in incoming/ with its retryable
     failed requests. Returns what was done, as the line to print."""
-    job_dir = find_job_dir(spool.root, job_id)
-    staging = spool.failed / f"{RETRY_PREFIX}{job_id}"
-    if job_dir is None and "/" not in job_id and staging.is_dir():  # R1 (design §6a)
-        return _requeue(spool, staging, job_id) + " (it finishes a retry that was interrupted)"
     job_dir = find_job(spool, job_id)
+    staging = spool.failed / f"{RETRY_PREFIX}{job_id}"
+    if job_dir == staging:  # R1 (design §6a)
+        return _requeue(spool, staging, job_id) + " (it finishes a retry that was interrupted)"
     if job_dir.parent == spool.processing:
         # Its errors.jsonl may hold an uncommitted tail, and its run is not over.
         raise SubmitError(
@@ -114,21 +113,22 @@ def retry_job(spool: Spool, job_id: str, max_line_bytes: int) -> str:
 
 def _requeue(spool: Spool, staging: Path, job_id: str) -> str:
     """Design §6a steps 2-4, from failed/.retry-<job_id>/ into processing/."""
-    fsio.remove(staging / CANCEL)  # step 2
-    fsio.remove(staging / OWNER)
     try:
-        state = load_state(staging)
-    except (OSError, ValueError) as e:
-        raise SubmitError(f"job {job_id}: cannot read its state.json ({e})") from None
-    if state.status != QUEUED:  # a run of ours interrupted after step 3 wrote it
-        state.requeue()
-        save_state(staging, state)  # step 3
-    spool.ensure_layout()
-    try:
+        fsio.remove(staging / CANCEL)  # step 2
+        fsio.remove(staging / OWNER)
+        try:
+            state = load_state(staging)
+        except ValueError as e:
+            raise SubmitError(f"job {job_id}: cannot read its state.json ({e})") from None
+        if state.status != QUEUED:  # a run of ours interrupted after step 3 wrote it
+            state.requeue()
+            save_state(staging, state)  # step 3
+        spool.ensure_layout()
         fsio.move(staging, spool.processing / job_id)  # step 4
-    except FileNotFoundError:
+    except (FileNotFoundError, FileExistsError):
         raise SubmitError(
-            f"job {job_id} moved meanwhile (is another `spoold retry` at work?)"
+            f"job {job_id} moved meanwhile (is another `spoold retry` at work?): "
+            "`spoold jobs` shows where it is"
         ) from None
     c = state.request_counts
     return (

@@ -8,6 +8,8 @@
  *                                   run the call, then on success report failure (a
  *                                   retransmitted NFS RENAME answers ENOENT after the fact).
  *   FAULTSHIM_LIE_UNLINK=substr     the same for unlink/unlinkat/rmdir.
+ *   FAULTSHIM_KILL_RENAME=substr    a rename with substr in its *new* path: SIGKILL the
+ *                                   process before the call runs (a crash at that step).
  *   FAULTSHIM_LIE_EVERY=1           lie on every Nth matching success (separate counters).
  *   FAULTSHIM_LIE_ERRNO=2           the errno of the lie (ENOENT).
  *   FAULTSHIM_CLOCK_OFFSET_S=-300   shift CLOCK_REALTIME (clock_gettime, gettimeofday,
@@ -24,6 +26,7 @@
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <errno.h>
+#include <signal.h>
 #include <fcntl.h>
 #include <pthread.h>
 #include <stdarg.h>
@@ -39,6 +42,7 @@ static struct {
     double stall_max_s;
     const char *lie_rename;
     const char *lie_unlink;
+    const char *kill_rename;
     long lie_every;
     int lie_errno;
     const char *log;
@@ -85,6 +89,7 @@ static void load(void) {
     cfg.stall_max_s = (v = env("FAULTSHIM_STALL_MAX_S")) ? atof(v) : 600.0;
     cfg.lie_rename = env("FAULTSHIM_LIE_RENAME");
     cfg.lie_unlink = env("FAULTSHIM_LIE_UNLINK");
+    cfg.kill_rename = env("FAULTSHIM_KILL_RENAME");
     cfg.lie_every = (v = env("FAULTSHIM_LIE_EVERY")) ? atol(v) : 1;
     if (cfg.lie_every < 1)
         cfg.lie_every = 1;
@@ -167,20 +172,31 @@ int fdatasync(int fd) {
     return real.fdatasync(fd);
 }
 
+/* A crash at exactly this step: nothing after the kill runs, the rename included. */
+static void kill_before(const char *new) {
+    if (cfg.kill_rename != NULL && strstr(new, cfg.kill_rename) != NULL) {
+        note("kill before rename to %s", new);
+        kill(getpid(), SIGKILL);
+    }
+}
+
 int rename(const char *old, const char *new) {
     init();
+    kill_before(new);
     int rc = real.rename(old, new);
     return lie(rc, cfg.lie_rename, &renames_seen, old, new) ? -1 : rc;
 }
 
 int renameat(int olddirfd, const char *old, int newdirfd, const char *new) {
     init();
+    kill_before(new);
     int rc = real.renameat(olddirfd, old, newdirfd, new);
     return lie(rc, cfg.lie_rename, &renames_seen, old, new) ? -1 : rc;
 }
 
 int renameat2(int olddirfd, const char *old, int newdirfd, const char *new, unsigned int flags) {
     init();
+    kill_before(new);
     int rc = real.renameat2(olddirfd, old, newdirfd, new, flags);
     return lie(rc, cfg.lie_rename, &renames_seen, old, new) ? -1 : rc;
 }

@@ -869,3 +869,33 @@ def test_cancelling_a_job_left_running_by_a_crash_files_it_as_cancelled(
     st = state(done)
     assert st["status"] == "cancelled", st
     assert st["request_counts"] == {"total": 10, "completed": 0, "failed": 0}
+
+
+def test_a_job_parked_by_a_daemon_killed_mid_filing_is_filed_by_the_next_start_c23(
+    tmp_path: Path, faultshim: Path
+) -> None:
+    """C23: a job is filed through its owner's lease directory (design §2 W3); the
+    daemon is SIGKILLed (by the fault shim, as it calls rename(2) into done/) with the
+    job parked there. The next start fences its old lease directory, puts the job back
+    in processing/ and files it (C9): nothing lost, nothing run again, nothing left."""
+    cfg = make_config(tmp_path)
+    spool = tmp_path / "spool"
+    recs = _requests("p", 30)
+    write_jsonl(spool / "incoming" / "parked.jsonl", recs)
+    killed = subprocess.run(
+        [*SPOOLD, "run", "--config", str(cfg), "--drain"],
+        capture_output=True, text=True, timeout=120,
+        env={**_env(), "LD_PRELOAD": str(faultshim), "FAULTSHIM_KILL_RENAME": "/done/"},
+    )  # fmt: skip
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    parked = [p for p in (spool / "heartbeats").glob(".*.lease/*") if p.is_dir()]
+    assert [p.name for p in parked] and job_dirs(spool, "processing") == []
+    output = (parked[0] / "output.jsonl").read_bytes()
+
+    drain(cfg)
+    done = only_job(spool, "done")
+    assert done.name == parked[0].name
+    assert (done / "output.jsonl").read_bytes() == output  # filed, not run again
+    assert_exactly_once(done, _ids(recs))
+    _no_leftovers(spool)
+    assert not [p for p in (spool / "heartbeats").iterdir() if p.name.startswith(".")]
