@@ -275,7 +275,12 @@ def main(argv: list[str] | None = None) -> int:
         "exit 0 when clean, 1 when anything would be rejected or dead-lettered.",
     )
     validate.add_argument("file", metavar="FILE")
-    validate.add_argument("--config", metavar="PATH", help=CONFIG_HELP)
+    validate.add_argument(
+        "--config",
+        metavar="PATH",
+        help="config file whose limits and model aliases apply (default: $SPOOLD_CONFIG, "
+        "else /etc/spoold/spoold.yaml if present, else the defaults)",
+    )
     validate.set_defaults(func=cmd_validate)
 
     from spoold.jobs import STATES
@@ -298,6 +303,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"spoold: config error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except BrokenPipeError:  # `spoold jobs | head`: the reader has had enough
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     return code
 
 

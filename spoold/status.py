@@ -55,11 +55,11 @@ from spoold.layout import (
     INCOMING,
     JOB_SUFFIX,
     PROCESSING,
-    count_waiting,
     find_job_dir,
     interrupted_retry,
     is_upload_in_progress,
     job_dir_entries,
+    waiting_files,
 )
 
 HEALTHY, DEGRADED, DOWN, UNKNOWN = 0, 1, 2, 3
@@ -259,16 +259,30 @@ def build_report(spool: Path, stale_after_s: float, now: float | None = None) ->
     report = Report(spool=str(spool), now=now)
     report.daemons, unreadable_beats = _daemons(spool, stale_after_s, now)
     report.exit_code = _health(report.daemons)
+    if unreadable_beats and report.exit_code == UNKNOWN:
+        report.exit_code = DEGRADED  # a heartbeat file, if torn, says a daemon was here
+    unlisted: list[str] = []
+
+    def listed(where: str) -> list[os.DirEntry[str]]:
+        try:
+            return (waiting_files if where == INCOMING else job_dir_entries)(spool / where)
+        except OSError as e:  # not a directory, no permission: said, never a traceback
+            unlisted.append(
+                f"{spool}/{where} cannot be listed ({e.strerror or e}): its jobs are not "
+                "counted; check the spool's permissions (or run as a member of its group)"
+            )
+            return []
+
     report.problems.extend(
         f"{spool}/{HEARTBEATS}/{name} cannot be read (not a JSON object): "
         "a daemon not shown; repair or remove the file"
         for name in unreadable_beats
     )
-    waiting = count_waiting(spool / INCOMING)
+    waiting = len(listed(INCOMING))
     if not (spool / INCOMING).is_dir():
         report.problems.append(f"{spool}/incoming does not exist: is this a spool?")
     queued = running = left = 0
-    for d in sorted(job_dir_entries(spool / PROCESSING), key=lambda d: d.name):
+    for d in sorted(listed(PROCESSING), key=lambda d: d.name):
         found = read_job(Path(d.path))
         if isinstance(found, Unreadable):
             report.unreadable.append({"id": d.name, "error": found.why})
@@ -285,12 +299,12 @@ def build_report(spool: Path, stale_after_s: float, now: float | None = None) ->
         else:
             queued += 1
     report.jobs.sort(key=lambda j: (j["status"] != RUNNING, j["id"] or ""))
-    failed = job_dir_entries(spool / FAILED)
+    failed = listed(FAILED)
     report.queue = {
         "waiting": waiting,
         "queued": queued,
         "running": running,
-        "done": len(job_dir_entries(spool / DONE)),
+        "done": len(listed(DONE)),
         "failed": len(failed),
         "requests_left": left,
     }
@@ -312,7 +326,8 @@ def build_report(spool: Path, stale_after_s: float, now: float | None = None) ->
             for problem in beat.get("problems") or []
             if isinstance(problem, str) and problem not in seen
         )
-    if report.unreadable or unreadable_beats:
+    report.problems.extend(unlisted)
+    if report.unreadable or unreadable_beats or unlisted:
         report.exit_code = max(report.exit_code, DEGRADED)
     return report
 
@@ -348,7 +363,7 @@ def _bar(done: int, total: int, width: int = 24) -> str:
 
 def _daemon_line(d: dict[str, Any]) -> str:
     """One daemon: who, where, its state (and why), its beat's age and seq, its job."""
-    where = f"  daemon {d['instance']} pid {d['pid']} on {d['hostname']}"
+    where = f"  daemon {d['instance']} pid {d.get('pid') or '?'} on {d.get('hostname') or '?'}"
     beat = f"heartbeat {_duration(d['age_s'])} ago (seq {d['seq']})"
     if d.get("status") == "stopped":
         line = f"{where}: stopped at {d['stopped_at']}, {beat}"
@@ -503,9 +518,33 @@ def _waiting_file(spool: Path, name: str) -> Path | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="spool-status", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", help="config file (default: $SPOOLD_CONFIG or /etc/spoold/…)")
-    parser.add_argument("--spool", help="spool directory (overrides spool_dir in the config)")
+    try:
+        return _main(argv)
+    except BrokenPipeError:  # `spool-status --json | head`: the reader has had enough
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def _main(argv: list[str] | None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="spool-status",
+        description="Is the spoold daemon alive, and how far has every job got: daemons "
+        "(heartbeat age against heartbeat.stale_after_s), GPU, queue, each active job's "
+        "progress, rate and ETA. With JOB_ID: one job, and the paths of its result files.",
+        epilog="Exit codes (the monitoring-plugin convention): 0 healthy, 1 degraded (a "
+        "problem that needs an operator), 2 down (a stale heartbeat, or the daemon "
+        "stopped), 3 no daemon ever seen (or a config error). With JOB_ID the code is the "
+        "spool's, and 1 when there is no such job.",
+    )
+    parser.add_argument(
+        "--config",
+        metavar="PATH",
+        help="config file (default: $SPOOLD_CONFIG, else /etc/spoold/spoold.yaml; with "
+        "--spool and no config file, the defaults apply)",
+    )
+    parser.add_argument(
+        "--spool", metavar="DIR", help="the spool directory (overrides spool_dir in the config)"
+    )
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.add_argument("job_id", nargs="?", metavar="JOB_ID", help="show one job")
     args = parser.parse_args(argv)

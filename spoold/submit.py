@@ -59,7 +59,9 @@ def submit_file(spool: Spool, path: Path) -> str:
     if not path.is_file():
         raise SubmitError(f"{path}: no such file")
     spool.ensure_layout()
-    return _publish(spool.incoming, path.name, _read_chunks(path))
+    # A name starting with "." is an upload in progress to the daemon: it loses its dots.
+    name = (path.name[: -len(".jsonl")].lstrip(".") or "job") + ".jsonl"
+    return _publish(spool.incoming, name, _read_chunks(path))
 
 
 def find_job(spool: Spool, job_id: str) -> Path:
