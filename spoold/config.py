@@ -319,7 +319,13 @@ def config_for(config: str | None, spool: str | None) -> Config:
     path = resolve_config_path(config)
     named = bool(config or os.environ.get("SPOOLD_CONFIG"))
     if named or path.exists():
-        cfg = load_config(path)
+        try:
+            cfg = load_config(path)
+        except ConfigError as e:
+            if path.exists() or not named:
+                raise
+            given = "--config" if config else "$SPOOLD_CONFIG"
+            raise ConfigError(f"{path}: config file not found (named by {given})") from e
     elif spool:
         cfg = Config()
     else:
