@@ -1,0 +1,137 @@
+"""Review of "filing a job passes through the mover's lease directory" (design §2 W3,
+C22, C23): real `spoold` processes, real faults (tests/faultshim.c: fsyncs that hang,
+a SIGKILL at a chosen rename). Each test names what it breaks."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.faultshim import shim_env
+from tests.helpers import (
+    SPOOLD,
+    _env,
+    chat,
+    job_dirs,
+    make_config,
+    only_job,
+    run_spoold,
+    state,
+    wait_for,
+    write_jsonl,
+)
+from tests.test_fencing import Daemon, config, daemons, start  # noqa: F401  (fixture)
+
+
+def _killed_while_filing(tmp: Path, faultshim: Path, into: str, n: int = 5) -> Path:
+    """A real leftover: `spoold run --drain` on its own spool under `tmp`, SIGKILLed by
+    the fault shim as it calls rename(2) with `into` in the new path (a filing step).
+    Returns that spool."""
+    cfg = make_config(tmp)
+    spool = tmp / "spool"
+    write_jsonl(spool / "incoming" / "left.jsonl", [chat(f"left-{i}") for i in range(n)])
+    killed = subprocess.run(
+        [*SPOOLD, "run", "--config", str(cfg), "--drain"],
+        capture_output=True, text=True, timeout=120,
+        env={**_env(), "LD_PRELOAD": str(faultshim), "FAULTSHIM_KILL_RENAME": into},
+    )  # fmt: skip
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    return spool
+
+
+# -- 1. a job parked by a daemon that died is invisible until a daemon starts --------
+
+
+def test_a_job_parked_by_a_killed_daemon_is_still_a_job_to_jobs_status_and_cancel(
+    tmp_path: Path, faultshim: Path
+) -> None:
+    """Injects: SIGKILL as the daemon renames a finished job from its lease directory
+    into done/ (C23), and no daemon runs after (the host's only one crashed, systemd
+    has not restarted it yet, or it is a cron --drain). Before the change the job
+    stayed in processing/ with its terminal record: `spoold jobs` listed it and
+    `spool-status JOB_ID` showed it. Now it sits in heartbeats/.<inst>.<tok>.lease/<id>
+    and every command says it does not exist — the user is told their finished job,
+    with all its results, is unknown."""
+    spool = _killed_while_filing(tmp_path, faultshim, "/done/")
+    parked = [p for p in (spool / "heartbeats").glob(".*.lease/*") if p.is_dir()]
+    assert len(parked) == 1 and job_dirs(spool, "processing") == [], parked
+    job_id = parked[0].name
+    cfg = str(tmp_path / "spoold.yaml")
+
+    listed = run_spoold("jobs", "--config", cfg, "--json")
+    ids = [json.loads(line).get("id") for line in listed.stdout.splitlines() if line.strip()]
+    status = subprocess.run(
+        [sys.executable, "-m", "spoold.status", "--config", cfg, job_id],
+        capture_output=True, text=True, timeout=60, env=_env(),
+    )  # fmt: skip
+    cancel = run_spoold("cancel", "--config", cfg, job_id)
+    assert job_id in ids, f"`spoold jobs` does not list the parked job:\n{listed.stdout}"
+    assert status.returncode == 0 and job_id in status.stdout, (
+        f"spool-status {job_id} exited {status.returncode}:\n{status.stdout}{status.stderr}"
+    )
+    assert "no such job" not in (cancel.stdout + cancel.stderr).lower(), cancel.stderr
+
+
+# -- 2. Fenced out of take_over: a stalled daemon crashes instead of going on --------
+
+
+def test_a_daemon_fenced_while_it_files_a_dead_peers_finished_job_goes_on(
+    tmp_path: Path, daemons: list[Daemon], faultshim: Path
+) -> None:
+    """Injects: every fsync of daemon `a` hangs (FAULTSHIM_STALL_FILE) while its
+    take_over (C9) is repairing a finished job whose owner was SIGKILLed before filing
+    it; `b` judges `a` stale and fences it. When the stall ends, `a`'s `_file` finds
+    its lease directory gone and raises Fenced, which nothing between take_over and
+    run() catches (`_take_over_dead_peers` catches OSError only; `_loop` catches Fenced
+    only around run_next_job): `a` exits 1 with a traceback, where a fenced daemon
+    goes on as a new incarnation (test_fencing's stalled-commit test). Before the
+    change C9 was one plain rename, which never raised Fenced."""
+    side = tmp_path / "side"
+    side.mkdir()
+    # Killed just before the first move (processing/<id> -> <lease>/<id>): a terminal
+    # job in processing/ whose owner is dead (C9).
+    left_spool = _killed_while_filing(side, faultshim, ".lease/")
+    left = only_job(left_spool, "processing")
+    assert state(left)["status"] == "completed"
+
+    cfg = config(tmp_path)
+    spool = tmp_path / "spool"
+    stall, faults = tmp_path / "stall", tmp_path / "faults.log"
+    a = start(daemons, cfg, "a", **shim_env(faultshim, _env(), stall_file=stall, log=faults))
+    stray = left / ".state.json.0badc0de.tmp"  # an interrupted write's temp (recovery removes it)
+    stray.write_bytes(b"{")
+    stall.touch()
+    job = spool / "processing" / left.name
+    left.rename(job)
+    stray = job / stray.name
+    # a's take_over (every stale_after_s / 2) unlinks the temp, then hangs in the
+    # fsync of the job directory: between judging the job its own and filing it.
+    wait_for(lambda: not stray.exists(), 10, what=f"a to repair the job:\n{a.tail()}")
+    stalled_beat = a.beat()
+
+    b = start(daemons, cfg, "b")
+    wait_for(
+        lambda: not list((spool / "heartbeats").glob(".a.*.lease")),
+        20,
+        what=f"b to fence a:\n{b.tail()}",
+    )
+    done = wait_for(lambda: (spool / "done" / left.name).is_dir(), 20, what="b to file it")
+    assert done
+    stall.unlink()  # a's fsync returns: it goes on with its take_over
+
+    wait_for(
+        lambda: a.proc.poll() is not None or a.beating_since(stalled_beat),
+        20,
+        what="a to wake",
+    )
+    time.sleep(2)
+    err = a.err.read_text(errors="replace")
+    assert a.proc.poll() is None, f"a exited {a.proc.returncode} once woken:\n{err[-3000:]}"
+    assert "Traceback" not in err, err[-3000:]
+    assert state(spool / "done" / left.name)["status"] == "completed"
+    assert a.stop() == 0
+    assert b.stop() == 0
