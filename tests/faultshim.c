@@ -10,6 +10,9 @@
  *   FAULTSHIM_LIE_UNLINK=substr     the same for unlink/unlinkat/rmdir.
  *   FAULTSHIM_KILL_RENAME=substr    a rename with substr in its *new* path: SIGKILL the
  *                                   process before the call runs (a crash at that step).
+ *   FAULTSHIM_FAIL_RENAME=substr    a rename with substr in its *new* path fails without
+ *                                   running, errno FAULTSHIM_FAIL_ERRNO (default 28,
+ *                                   ENOSPC: a full disk whose directory cannot grow).
  *   FAULTSHIM_LIE_EVERY=1           lie on every Nth matching success (separate counters).
  *   FAULTSHIM_LIE_ERRNO=2           the errno of the lie (ENOENT).
  *   FAULTSHIM_CLOCK_OFFSET_S=-300   shift CLOCK_REALTIME (clock_gettime, gettimeofday,
@@ -43,6 +46,8 @@ static struct {
     const char *lie_rename;
     const char *lie_unlink;
     const char *kill_rename;
+    const char *fail_rename;
+    int fail_errno;
     long lie_every;
     int lie_errno;
     const char *log;
@@ -90,6 +95,8 @@ static void load(void) {
     cfg.lie_rename = env("FAULTSHIM_LIE_RENAME");
     cfg.lie_unlink = env("FAULTSHIM_LIE_UNLINK");
     cfg.kill_rename = env("FAULTSHIM_KILL_RENAME");
+    cfg.fail_rename = env("FAULTSHIM_FAIL_RENAME");
+    cfg.fail_errno = (v = env("FAULTSHIM_FAIL_ERRNO")) ? atoi(v) : ENOSPC;
     cfg.lie_every = (v = env("FAULTSHIM_LIE_EVERY")) ? atol(v) : 1;
     if (cfg.lie_every < 1)
         cfg.lie_every = 1;
@@ -180,9 +187,21 @@ static void kill_before(const char *new) {
     }
 }
 
+/* A rename that fails for real (nothing moves): 1 with errno set. */
+static int fail_before(const char *new) {
+    if (cfg.fail_rename != NULL && strstr(new, cfg.fail_rename) != NULL) {
+        note("fail rename to %s", new);
+        errno = cfg.fail_errno;
+        return 1;
+    }
+    return 0;
+}
+
 int rename(const char *old, const char *new) {
     init();
     kill_before(new);
+    if (fail_before(new))
+        return -1;
     int rc = real.rename(old, new);
     return lie(rc, cfg.lie_rename, &renames_seen, old, new) ? -1 : rc;
 }
@@ -190,6 +209,8 @@ int rename(const char *old, const char *new) {
 int renameat(int olddirfd, const char *old, int newdirfd, const char *new) {
     init();
     kill_before(new);
+    if (fail_before(new))
+        return -1;
     int rc = real.renameat(olddirfd, old, newdirfd, new);
     return lie(rc, cfg.lie_rename, &renames_seen, old, new) ? -1 : rc;
 }
@@ -197,6 +218,8 @@ int renameat(int olddirfd, const char *old, int newdirfd, const char *new) {
 int renameat2(int olddirfd, const char *old, int newdirfd, const char *new, unsigned int flags) {
     init();
     kill_before(new);
+    if (fail_before(new))
+        return -1;
     int rc = real.renameat2(olddirfd, old, newdirfd, new, flags);
     return lie(rc, cfg.lie_rename, &renames_seen, old, new) ? -1 : rc;
 }

@@ -135,3 +135,42 @@ def test_a_daemon_fenced_while_it_files_a_dead_peers_finished_job_goes_on(
     assert state(spool / "done" / left.name)["status"] == "completed"
     assert a.stop() == 0
     assert b.stop() == 0
+
+
+# -- 3. a parked job that cannot be put back is removed with its lease directory -----
+
+
+def test_a_parked_job_that_cannot_be_put_back_is_not_removed_with_the_lease_dir(
+    tmp_path: Path, faultshim: Path
+) -> None:
+    """Injects: SIGKILL with a job parked in the daemon's lease directory (C23), then
+    a start on a disk with no room for a new entry in processing/ (the shim fails the
+    rename into processing/<id> with ENOSPC, as ext4 does when the directory must grow
+    a block; EIO from an NFS server is the same). `rescue_parked` logs "cannot put a
+    parked job back" and goes on; `remove_fenced` then runs `remove_tree` over the
+    fenced lease directory, the job in it: input, results, record, all deleted.
+    Design §2 W3 says "a job is never removed"."""
+    spool = _killed_while_filing(tmp_path, faultshim, "/done/", n=8)
+    parked = [p for p in (spool / "heartbeats").glob(".*.lease/*") if p.is_dir()]
+    assert len(parked) == 1, parked
+    job_id = parked[0].name
+    output = (parked[0] / "output.jsonl").read_bytes()
+
+    full = subprocess.run(
+        [*SPOOLD, "run", "--config", str(tmp_path / "spoold.yaml"), "--drain"],
+        capture_output=True, text=True, timeout=120,
+        env={
+            **_env(), "LD_PRELOAD": str(faultshim),
+            "FAULTSHIM_FAIL_RENAME": f"/processing/{job_id}", "FAULTSHIM_FAIL_ERRNO": "28",
+        },
+    )  # fmt: skip
+    assert "cannot put a parked job back" in full.stdout + full.stderr, full.stderr[-2000:]
+    found = [
+        p
+        for p in spool.rglob("*")
+        if p.is_dir() and p.name.startswith(job_id) and (p / "input.jsonl").exists()
+    ]
+    assert found, (
+        f"job {job_id} (output {len(output)} bytes) is nowhere in the spool after the "
+        f"start that could not put it back:\n{full.stdout[-2000:]}{full.stderr[-2000:]}"
+    )
