@@ -13,6 +13,7 @@
  *   FAULTSHIM_FAIL_RENAME=substr    a rename with substr in its *new* path fails without
  *                                   running, errno FAULTSHIM_FAIL_ERRNO (default 28,
  *                                   ENOSPC: a full disk whose directory cannot grow).
+ *   FAULTSHIM_FAIL_TIMES=0          fail only the first N such renames (0: every one).
  *   FAULTSHIM_LIE_EVERY=1           lie on every Nth matching success (separate counters).
  *   FAULTSHIM_LIE_ERRNO=2           the errno of the lie (ENOENT).
  *   FAULTSHIM_CLOCK_OFFSET_S=-300   shift CLOCK_REALTIME (clock_gettime, gettimeofday,
@@ -48,6 +49,7 @@ static struct {
     const char *kill_rename;
     const char *fail_rename;
     int fail_errno;
+    long fail_times;
     long lie_every;
     int lie_errno;
     const char *log;
@@ -68,7 +70,7 @@ static struct {
     time_t (*time)(time_t *);
 } real;
 
-static long renames_seen, unlinks_seen;
+static long renames_seen, unlinks_seen, renames_failed;
 static pthread_once_t once = PTHREAD_ONCE_INIT;
 
 static const char *env(const char *name) {
@@ -97,6 +99,7 @@ static void load(void) {
     cfg.kill_rename = env("FAULTSHIM_KILL_RENAME");
     cfg.fail_rename = env("FAULTSHIM_FAIL_RENAME");
     cfg.fail_errno = (v = env("FAULTSHIM_FAIL_ERRNO")) ? atoi(v) : ENOSPC;
+    cfg.fail_times = (v = env("FAULTSHIM_FAIL_TIMES")) ? atol(v) : 0;
     cfg.lie_every = (v = env("FAULTSHIM_LIE_EVERY")) ? atol(v) : 1;
     if (cfg.lie_every < 1)
         cfg.lie_every = 1;
@@ -190,6 +193,9 @@ static void kill_before(const char *new) {
 /* A rename that fails for real (nothing moves): 1 with errno set. */
 static int fail_before(const char *new) {
     if (cfg.fail_rename != NULL && strstr(new, cfg.fail_rename) != NULL) {
+        if (cfg.fail_times > 0 &&
+            __atomic_add_fetch(&renames_failed, 1, __ATOMIC_SEQ_CST) > cfg.fail_times)
+            return 0;
         note("fail rename to %s", new);
         errno = cfg.fail_errno;
         return 1;

@@ -174,3 +174,49 @@ def test_a_parked_job_that_cannot_be_put_back_is_not_removed_with_the_lease_dir(
         f"job {job_id} (output {len(output)} bytes) is nowhere in the spool after the "
         f"start that could not put it back:\n{full.stdout[-2000:]}{full.stderr[-2000:]}"
     )
+
+
+# -- 4. a filing that fails between its two moves leaves the job parked for good ----
+
+
+def test_a_job_whose_filing_meets_a_full_disk_is_filed_once_there_is_room(
+    tmp_path: Path, daemons: list[Daemon], faultshim: Path
+) -> None:
+    """Injects: the rename of a finished job into done/ fails once with ENOSPC (a full
+    disk; the shim's FAULTSHIM_FAIL_RENAME, once), then there is room again. Before
+    the change the job stayed in processing/ with its terminal record and the next
+    take_over (C9, ours) filed it. Now the failed rename is the second move: the job
+    is parked in the live daemon's own lease directory; the runner turns the error
+    into DiskFull, the daemon waits and goes on, and nothing ever looks in its lease
+    directory again until it exits (`release`): the job is neither filed nor listed
+    by `spoold jobs`, for as long as the daemon runs (days, under systemd)."""
+    cfg = config(tmp_path)
+    spool = tmp_path / "spool"
+    env = {
+        "LD_PRELOAD": str(faultshim),
+        "FAULTSHIM_FAIL_RENAME": "/done/", "FAULTSHIM_FAIL_ERRNO": "28",
+        "FAULTSHIM_FAIL_TIMES": "1",
+    }  # fmt: skip
+    a = start(daemons, cfg, "a", **env, FAULTSHIM_LOG=str(tmp_path / "faults.log"))
+    write_jsonl(spool / "incoming" / "full.jsonl", [chat(f"full-{i}") for i in range(20)])
+    failed = wait_for(
+        lambda: [e for e in a.events("disk full; the job will resume from its checkpoint")],
+        30,
+        what=f"the filing to fail:\n{a.tail()}",
+    )
+    assert "/done/" in failed[0]["error"], failed
+    job_id = failed[0]["job_id"]
+    # take_over runs every stale_after_s / 2 (1 s here); the disk has room again.
+    filed = None
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and filed is None:
+        filed = job_id if (spool / "done" / job_id).is_dir() else None
+        time.sleep(0.2)
+    listed = run_spoold("jobs", "--config", str(cfg), "--json")
+    still_parked = [p.name for p in (spool / "heartbeats").glob(".a.*.lease/*") if p.is_dir()]
+    assert a.proc.poll() is None, a.tail()
+    assert filed == job_id, (
+        f"{job_id} not filed 15 s after the disk had room; parked in a's lease dir: "
+        f"{still_parked}; `spoold jobs`: {listed.stdout!r}\n{a.tail()}"
+    )
+    assert a.stop() == 0
