@@ -9,7 +9,10 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 from tests.faultshim import shim_env
 from tests.helpers import (
@@ -24,7 +27,16 @@ from tests.helpers import (
     wait_for,
     write_jsonl,
 )
-from tests.test_fencing import Daemon, config, daemons, start  # noqa: F401  (fixture)
+from tests.test_fencing import Daemon, config, start
+
+
+@pytest.fixture
+def daemons() -> Iterator[list[Daemon]]:
+    """Every daemon a test starts is SIGKILLed and reaped at the end (as test_fencing)."""
+    started: list[Daemon] = []
+    yield started
+    for d in started:
+        d.kill()
 
 
 def _killed_while_filing(tmp: Path, faultshim: Path, into: str, n: int = 5) -> Path:
@@ -220,3 +232,94 @@ def test_a_job_whose_filing_meets_a_full_disk_is_filed_once_there_is_room(
         f"{still_parked}; `spoold jobs`: {listed.stdout!r}\n{a.tail()}"
     )
     assert a.stop() == 0
+
+
+# -- 5. C9's fence hits whoever owns the job *now*, not the owner that was judged ----
+
+
+def test_a_repairer_that_stalled_does_not_fence_the_live_daemon_running_the_retried_job(
+    tmp_path: Path, daemons: list[Daemon], faultshim: Path
+) -> None:
+    """Injects: a daemon SIGKILLed between a cancelled job's terminal record and its
+    filing (C9 leftover, owner dead); daemon `a` starts to repair it and hangs in an
+    fsync (FAULTSHIM_STALL_FILE, 3 s, shorter than stale_after_s: `a` is never stale).
+    Meanwhile `b` files the job, the user runs `spoold retry`, and `b` runs it again.
+    `_repair_job` judged the owner from one read of owner.json (`_ours_to_repair`:
+    the dead one) but fences the holder of a second read after the stall: `b`, alive
+    and beating all along, is fenced in the middle of the job it legitimately runs,
+    and `a` moves that running job into its own lease directory and back."""
+    side = tmp_path / "side"
+    side.mkdir()
+    side_cfg = make_config(
+        side,
+        processing={"chunk_size": 5},
+        engine={"backend": "fake", "fake": {"delay_per_request_s": 0.05, "batch_size": 5}},
+    )
+    left_spool = side / "spool"
+    write_jsonl(left_spool / "incoming" / "again.jsonl", [chat(f"again-{i}") for i in range(80)])
+    killer = subprocess.Popen(
+        [*SPOOLD, "run", "--config", str(side_cfg)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env={**_env(), "LD_PRELOAD": str(faultshim), "FAULTSHIM_KILL_RENAME": ".lease/"},
+    )  # fmt: skip
+    try:
+        left = wait_for(
+            lambda: [
+                j for j in job_dirs(left_spool, "processing") if state(j)["checkpoint"]["completed"]
+            ],
+            30,
+            what="the side job to commit",
+        )[0]
+        assert run_spoold("cancel", "--config", str(side_cfg), left.name).returncode == 0
+        assert killer.wait(30) == -signal.SIGKILL
+    finally:
+        if killer.poll() is None:
+            killer.kill()
+            killer.wait()
+    assert state(left)["status"] == "cancelled"
+
+    cfg = make_config(
+        tmp_path,
+        watch={"settle_seconds": 0.1, "rescan_interval_s": 1},
+        heartbeat={"interval_s": 0.2, "stale_after_s": 8},
+        processing={"chunk_size": 5, "stop_timeout_s": 10},
+        engine={"backend": "fake", "fake": {"delay_per_request_s": 0.05, "batch_size": 5}},
+    )
+    spool = tmp_path / "spool"
+    stall = tmp_path / "stall"
+    a = start(daemons, cfg, "a", **shim_env(faultshim, _env(), stall_file=stall))
+    stray = left / ".state.json.0badc0de.tmp"
+    stray.write_bytes(b"{")
+    stall.touch()
+    job = spool / "processing" / left.name
+    left.rename(job)
+    stray = job / stray.name
+    # a's take_over (every stale_after_s / 2) judges the dead owner, unlinks the temp,
+    # then hangs in the fsync of the job directory.
+    wait_for(lambda: not stray.exists(), 10, what=f"a to start repairing:\n{a.tail()}")
+    stalled_at = time.monotonic()
+
+    b = start(daemons, cfg, "b")
+    wait_for(lambda: (spool / "failed" / left.name).is_dir(), 10, what="b to file the job")
+    retried = run_spoold("retry", "--config", str(cfg), left.name)
+    assert retried.returncode == 0, retried.stderr
+    wait_for(
+        lambda: (
+            json.loads((job / "owner.json").read_text()).get("instance") == "b"
+            if (job / "owner.json").exists()
+            else False
+        ),
+        10,
+        what="b to run the retried job",
+    )
+    assert time.monotonic() - stalled_at < 6, "too slow: a would be stale by now"
+    stall.unlink()  # a wakes, in the middle of its repair
+
+    done = wait_for(lambda: (spool / "done" / left.name).is_dir(), 60, what="the job to finish")
+    assert done
+    time.sleep(1)
+    assert not b.events("fenced"), (
+        f"b, alive and beating, was fenced by a's stale judgement:\n{b.tail()}"
+    )
+    assert a.stop() == 0
+    assert b.stop() == 0
