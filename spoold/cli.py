@@ -103,10 +103,10 @@ def cmd_cancel(args: argparse.Namespace) -> int:
         print(f"spoold cancel: {e}", file=sys.stderr)
         return 1
     if job_dir.parent != spool.processing:
-        print(
-            f"spoold cancel: job {args.job_id} has already finished ({job_dir.parent.name}/)",
-            file=sys.stderr,
-        )
+        from spoold.layout import interrupted_retry
+
+        where = interrupted_retry(job_dir) or f"it is in {job_dir.parent.name}/"
+        print(f"spoold cancel: job {args.job_id} has already finished: {where}", file=sys.stderr)
         return 1
     try:
         spool.request_cancel(job_dir)

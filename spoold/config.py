@@ -268,6 +268,12 @@ def _check_relations(cfg: Config) -> None:
         raise ConfigError(
             f"instance: {cfg.instance!r} may use only letters, digits, '.', '_' and '-'"
         )
+    for reserved in (".fenced-", ".lease", ".json", ".grave"):  # spoold's own names
+        if reserved in cfg.instance:
+            raise ConfigError(
+                f"instance: {cfg.instance!r} must not contain {reserved!r} (spoold names "
+                "its heartbeat and lease files with it): choose another name"
+            )
 
 
 def _split_engine_args(raw: Any) -> tuple[Any, dict[str, Any]]:

@@ -284,6 +284,8 @@ class Daemon:
         half-repaired spool, and the last heartbeat names the cause."""
         try:
             self.spool.recover()
+        except Fenced as e:  # stalled in recovery, judged stale: the loop starts anew
+            self._fenced(e)
         except OSError as e:
             log.error("cannot recover the spool; fix the cause and start again", error=str(e))
             self._exit_reason = f"cannot recover the spool: {e}; fix that and start again"
@@ -383,6 +385,8 @@ class Daemon:
                 self.spool.take_over()
         except OSError as e:  # a peer moved something meanwhile: next time
             log.warning("cannot repair a dead peer's leftovers yet", error=str(e))
+        except Fenced as e:  # we stalled in a repair and were judged stale: a new life
+            self._fenced(e)
 
     def _lend_lease(self) -> None:
         """Our heartbeat carries our incarnation and lands through its lease (design §2)."""

@@ -28,6 +28,7 @@ from spoold.layout import (
     RETRY_PREFIX,
     interrupted_retry,
     job_dir_entries,
+    parked_entries,
     retrying_entries,
     waiting_files,
 )
@@ -194,6 +195,8 @@ def _entries(base: Path, listing: Listing) -> list[os.DirEntry[str]]:
         if base.name == INCOMING:
             return waiting_files(base)
         extra = retrying_entries(base) if base.name == FAILED_DIR else []
+        if base.name == PROCESSING:
+            extra = parked_entries(base.parent)
         return job_dir_entries(base) + extra
     except OSError as e:
         listing.unlisted.append(
@@ -229,7 +232,9 @@ def list_jobs(spool: Path, state: str | None = None) -> Listing:
                 item = read
                 if item is not None and entry.name.startswith(RETRY_PREFIX):
                     item.id = entry.name[len(RETRY_PREFIX) :]
-                    listing.problems.append(f"{interrupted_retry(Path(entry.path))}")
+                note = interrupted_retry(Path(entry.path))
+                if item is not None and note is not None:
+                    listing.problems.append(note)
             if item is not None and item.state in wanted:
                 found[(WAITING if where == INCOMING else "job", item.id)] = item
     listing.jobs = sorted(

@@ -1,5 +1,6 @@
 """The spool's names, shared by the daemon and `spool-status` (imports nothing heavy)."""
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -29,7 +30,28 @@ def find_job_dir(spool: Path, job_id: str) -> Path | None:
         if (spool / where / job_id).is_dir():
             return spool / where / job_id
     retrying = spool / FAILED / f"{RETRY_PREFIX}{job_id}"  # an interrupted retry (R1)
-    return retrying if retrying.is_dir() else None
+    if retrying.is_dir():
+        return retrying
+    for entry in parked_entries(spool):
+        if entry.name == job_id:
+            return Path(entry.path)
+    return None
+
+
+def parked_entries(spool: Path) -> list[os.DirEntry[str]]:
+    """Jobs parked in a lease directory (design §2 W3, C23): their daemon stopped
+    between the two moves that file a job; the next recovery puts them back."""
+    found: list[os.DirEntry[str]] = []
+    try:
+        with os.scandir(spool / HEARTBEATS) as it:
+            leases = [e.path for e in it if e.name.startswith(".") and ".lease" in e.name]
+    except FileNotFoundError:
+        return found
+    for lease in leases:
+        # Not a directory, or gone meanwhile: nothing parked there.
+        with contextlib.suppress(OSError), os.scandir(lease) as inner:
+            found += [e for e in inner if e.is_dir(follow_symlinks=False)]
+    return found
 
 
 def retrying_entries(failed: Path) -> list[os.DirEntry[str]]:
@@ -45,7 +67,13 @@ def retrying_entries(failed: Path) -> list[os.DirEntry[str]]:
 
 
 def interrupted_retry(job_dir: Path) -> str | None:
-    """What to do about a job found in failed/.retry-<job_id>; None for any other."""
+    """What to do about a job found in failed/.retry-<job_id> or parked in a lease
+    directory; None for any other."""
+    if job_dir.parent.parent.name == HEARTBEATS:
+        return (
+            f"{job_dir.name} is parked in {job_dir.parent.name} (its daemon stopped while "
+            "filing it): the next start of a daemon on this spool files it"
+        )
     if not job_dir.name.startswith(RETRY_PREFIX):
         return None
     job_id = job_dir.name[len(RETRY_PREFIX) :]

@@ -254,21 +254,29 @@ def remove_fenced(grave: Path) -> None:
     """Remove a fenced lease directory (its own incarnation can no longer write into
     it; another fencer may be removing it too). What cannot go yet (an NFS client's
     `.nfs*` file for a temp its writer still holds open) goes at a later recovery."""
-    rescue_parked(grave)
+    if not rescue_parked(grave):
+        # A job could not be put back (a full disk, a failing mount): nothing of the
+        # directory goes; a later recovery tries again (it finds `.fenced-` trees).
+        return
     with contextlib.suppress(OSError):
         fsio.remove_tree(grave)
 
 
-def rescue_parked(lease_dir: Path) -> None:
+def rescue_parked(lease_dir: Path) -> bool:
     """Put back in processing/ any job directory parked in a lease directory (design §2
     W3: a job is filed through its owner's lease directory; its owner died or was
     fenced between the two moves). Recovery files it from there (C9). Never removes a
-    job: one whose name is taken in processing/ goes to failed/, said loudly."""
+    job: one whose name is taken in processing/ goes to failed/, said loudly. False if
+    a job is still there (the directory must then stay)."""
     try:
         parked = [e for e in os.scandir(lease_dir) if e.is_dir(follow_symlinks=False)]
-    except OSError:
-        return
+    except FileNotFoundError:
+        return True  # removed meanwhile by another fencer, who rescued first
+    except OSError as e:
+        log.error("cannot look for parked jobs", lease_dir=str(lease_dir), error=str(e))
+        return False
     spool = lease_dir.parent.parent
+    rescued = True
     for entry in parked:
         home = spool / PROCESSING / entry.name
         try:
@@ -280,9 +288,15 @@ def rescue_parked(lease_dir: Path) -> None:
                 log.error("a job parked in a lease directory had a twin in processing/",
                           job_id=entry.name, moved_to=str(home))  # fmt: skip
         except FileNotFoundError:
-            continue  # another fencer of the same directory was first
+            if os.path.lexists(entry.path):  # not a peer's doing: processing/ is missing?
+                log.error("cannot put a parked job back", job_id=entry.name,
+                          error=f"{home.parent} is missing")  # fmt: skip
+                rescued = False
+            # else another fencer of the same directory was first
         except OSError as e:
             log.error("cannot put a parked job back", job_id=entry.name, error=str(e))
+            rescued = False
+    return rescued
 
 
 def take_record(
@@ -541,9 +555,10 @@ class Lease:
         """A clean exit: after the last heartbeat, our lease directory goes (we are
         dead to everyone from here)."""
         self.fenced, self.holding = True, False  # nothing more is written through it
-        rescue_parked(self.dir)
+        # Renamed away first, as a fence does: a filing move still in flight (a side
+        # thread's) then fails rather than landing in a tree being removed.
         with contextlib.suppress(OSError):
-            fsio.remove_tree(self.dir)
+            fence(self.heartbeats, Holder(self.instance, self.token))
 
 
 def heartbeat_grave_taker(name: str) -> str | None:

@@ -401,6 +401,12 @@ class Spool:
         except FileNotFoundError:
             self.lease.check()  # fenced between the two moves: the fencer puts it back
             raise
+        except OSError:
+            # A full disk, a failing mount: the job waits in processing/, where every
+            # command sees it and recovery files it (C9), not hidden in our lease dir.
+            with contextlib.suppress(OSError):
+                fsio.move(parked, job_dir)
+            raise
         return True
 
     def request_cancel(self, job_dir: Path) -> None:
@@ -591,14 +597,15 @@ class Spool:
         fsio.remove_stray_temps(self.heartbeats, prefix=f".{self.instance}.json.")
         self.take_over()
 
-    def _ours_to_repair(self, job_dir: Path) -> bool:
-        """A job whose leftovers we may clean: ours, a dead or stale incarnation's, or
-        nobody's (queued, never acquired)."""
+    def _ours_to_repair(self, job_dir: Path) -> tuple[bool, bytes | None, Holder | None]:
+        """Whether a job's leftovers are ours to clean (ours, a dead or stale
+        incarnation's, or nobody's: queued, never acquired), with the owner record
+        judged (its bytes, its holder)."""
         raw, judged = read_raw(job_dir / OWNER)
         if raw is None:
-            return True
+            return True, None, None
         holder = Holder.from_record(judged) if judged is not None else None
-        return self._gone(holder, f"owner:{job_dir}", raw)
+        return self._gone(holder, f"owner:{job_dir}", raw), raw, holder
 
     def take_over(self) -> None:
         """Repair what a crashed daemon left: at start-up (our own previous life, and
@@ -660,7 +667,8 @@ class Spool:
 
     def _repair_job(self, d: Path) -> None:
         self._remove_graves(d)  # by their taker, also in a live peer's job
-        if not self._ours_to_repair(d):
+        ours, judged_raw, holder = self._ours_to_repair(d)
+        if not ours:
             return
         state = read_job(d)
         if state is None:
@@ -672,9 +680,12 @@ class Spool:
         if state.status in TERMINAL:  # C9: terminal state written, move not done
             log.info("finishing interrupted move", job_id=state.id, status=state.status)
             # Its owner may only be stalled before its own move: fenced first, that
-            # move fails (W3) and cannot carry off the job once it is back (§6a).
-            _raw, judged = read_raw(d / OWNER)
-            holder = Holder.from_record(judged) if judged is not None else None
+            # move fails (W3) and cannot carry off the job once it is back (§6a). Only
+            # the owner judged, and only while owner.json still names it: if it changed
+            # since (we stalled; the job was filed, retried, and runs again), the job is
+            # a live daemon's now, and not ours to touch.
+            if read_raw(d / OWNER)[0] != judged_raw:
+                return
             if holder is not None and holder.token != self.lease.token:
                 fence(self.heartbeats, holder)
             target = (self.done if state.status == COMPLETED else self.failed) / d.name
