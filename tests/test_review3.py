@@ -91,6 +91,21 @@ def test_a_job_parked_by_a_killed_daemon_is_still_a_job_to_jobs_status_and_cance
 # -- 2. Fenced out of take_over: a stalled daemon crashes instead of going on --------
 
 
+def _stalled_in_repair(a: Daemon, left: Path, spool: Path, stall: Path) -> Path:
+    """Hand `a` a C9 leftover (`left`, moved into its processing/) with an interrupted
+    write's temp in it, fsyncs hanging: a's take_over (every stale_after_s / 2) judges
+    the dead owner, unlinks the temp, then hangs in the fsync of the job directory,
+    between judging the job its own and filing it. The job's path in the spool."""
+    stray = left / ".state.json.0badc0de.tmp"
+    stray.write_bytes(b"{")
+    stall.touch()
+    job = spool / "processing" / left.name
+    left.rename(job)
+    stray = job / stray.name
+    wait_for(lambda: not stray.exists(), 10, what=f"a to start repairing:\n{a.tail()}")
+    return job
+
+
 def test_a_daemon_fenced_while_it_files_a_dead_peers_finished_job_goes_on(
     tmp_path: Path, daemons: list[Daemon], faultshim: Path
 ) -> None:
@@ -114,15 +129,7 @@ def test_a_daemon_fenced_while_it_files_a_dead_peers_finished_job_goes_on(
     spool = tmp_path / "spool"
     stall, faults = tmp_path / "stall", tmp_path / "faults.log"
     a = start(daemons, cfg, "a", **shim_env(faultshim, _env(), stall_file=stall, log=faults))
-    stray = left / ".state.json.0badc0de.tmp"  # an interrupted write's temp (recovery removes it)
-    stray.write_bytes(b"{")
-    stall.touch()
-    job = spool / "processing" / left.name
-    left.rename(job)
-    stray = job / stray.name
-    # a's take_over (every stale_after_s / 2) unlinks the temp, then hangs in the
-    # fsync of the job directory: between judging the job its own and filing it.
-    wait_for(lambda: not stray.exists(), 10, what=f"a to repair the job:\n{a.tail()}")
+    _stalled_in_repair(a, left, spool, stall)
     stalled_beat = a.beat()
 
     b = start(daemons, cfg, "b")
@@ -288,15 +295,7 @@ def test_a_repairer_that_stalled_does_not_fence_the_live_daemon_running_the_retr
     spool = tmp_path / "spool"
     stall = tmp_path / "stall"
     a = start(daemons, cfg, "a", **shim_env(faultshim, _env(), stall_file=stall))
-    stray = left / ".state.json.0badc0de.tmp"
-    stray.write_bytes(b"{")
-    stall.touch()
-    job = spool / "processing" / left.name
-    left.rename(job)
-    stray = job / stray.name
-    # a's take_over (every stale_after_s / 2) judges the dead owner, unlinks the temp,
-    # then hangs in the fsync of the job directory.
-    wait_for(lambda: not stray.exists(), 10, what=f"a to start repairing:\n{a.tail()}")
+    job = _stalled_in_repair(a, left, spool, stall)
     stalled_at = time.monotonic()
 
     b = start(daemons, cfg, "b")
