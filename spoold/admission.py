@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import structlog
 
 from spoold.config import LimitsConfig
+from spoold.fsio import Fenced
 from spoold.spool import Entry, Kind, QueueLoad, SettleTracker, Spool, count_requests
 
 log = structlog.get_logger("spoold.admission")
@@ -168,6 +169,11 @@ class Admission:
     def failed(self, topic: str, what: str, error: Exception, hint: str = "") -> None:
         """A pass's work on `topic` failed: said once (again if it changes; a bug with
         its traceback), a problem until ok(topic). Called from an `except` block."""
+        if isinstance(error, Fenced):
+            # Another daemon took our work over: the loop starts a new incarnation and
+            # the next pass goes on with it. Not a problem to show, nor a bug.
+            log.info("fenced during a pass", what=what, error=str(error))
+            return
         said = f"{type(error).__name__}: {error}"
         text = f"{what}: {said}" + (f"; {hint}" if hint else "") + " (tried again at each pass)"
         if self._failing.get(topic) != text:
