@@ -103,9 +103,9 @@ def cmd_cancel(args: argparse.Namespace) -> int:
         print(f"spoold cancel: {e}", file=sys.stderr)
         return 1
     if job_dir.parent != spool.processing:
-        from spoold.layout import interrupted_retry
+        from spoold.layout import in_transit_note
 
-        where = interrupted_retry(job_dir) or f"it is in {job_dir.parent.name}/"
+        where = in_transit_note(job_dir) or f"it is in {job_dir.parent.name}/"
         print(f"spoold cancel: job {args.job_id} has already finished: {where}", file=sys.stderr)
         return 1
     try:

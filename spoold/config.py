@@ -328,7 +328,7 @@ def config_for(config: str | None, spool: str | None) -> Config:
         try:
             cfg = load_config(path)
         except ConfigError as e:
-            if path.exists() or not named:
+            if path.exists():  # there, but not a config: its own message says why
                 raise
             given = "--config" if config else "$SPOOLD_CONFIG"
             raise ConfigError(f"{path}: config file not found (named by {given})") from e

@@ -26,7 +26,7 @@ from spoold.layout import (
     INCOMING,
     PROCESSING,
     RETRY_PREFIX,
-    interrupted_retry,
+    in_transit_note,
     job_dir_entries,
     parked_entries,
     retrying_entries,
@@ -232,7 +232,7 @@ def list_jobs(spool: Path, state: str | None = None) -> Listing:
                 item = read
                 if item is not None and entry.name.startswith(RETRY_PREFIX):
                     item.id = entry.name[len(RETRY_PREFIX) :]
-                note = interrupted_retry(Path(entry.path))
+                note = in_transit_note(Path(entry.path))
                 if item is not None and note is not None:
                     listing.problems.append(note)
             if item is not None and item.state in wanted:

@@ -22,6 +22,11 @@ def is_upload_in_progress(name: str) -> bool:
     return name.startswith(".") or name.endswith(IN_PROGRESS_SUFFIXES)
 
 
+def is_job_name(name: str) -> bool:
+    """A name in incoming/ that is a job once its file settles (not an upload in progress)."""
+    return name.endswith(JOB_SUFFIX) and not is_upload_in_progress(name)
+
+
 def find_job_dir(spool: Path, job_id: str) -> Path | None:
     """Where a job is (processing/, done/ or failed/), or None. Never follows a path."""
     if not job_id or "/" in job_id or job_id.startswith("."):
@@ -66,9 +71,9 @@ def retrying_entries(failed: Path) -> list[os.DirEntry[str]]:
         return []
 
 
-def interrupted_retry(job_dir: Path) -> str | None:
-    """What to do about a job found in failed/.retry-<job_id> or parked in a lease
-    directory; None for any other."""
+def in_transit_note(job_dir: Path) -> str | None:
+    """What to do about a job caught between two places: in failed/.retry-<job_id> (an
+    interrupted retry) or parked in a lease directory; None for a job in its place."""
     if job_dir.parent.parent.name == HEARTBEATS:
         return (
             f"{job_dir.name} is parked in {job_dir.parent.name} (its daemon stopped while "
@@ -94,13 +99,7 @@ def waiting_files(incoming: Path) -> list[os.DirEntry[str]]:
     unsorted. Symlinks are not jobs (never followed)."""
     try:
         with os.scandir(incoming) as it:
-            return [
-                e
-                for e in it
-                if e.name.endswith(JOB_SUFFIX)
-                and not is_upload_in_progress(e.name)
-                and e.is_file(follow_symlinks=False)
-            ]
+            return [e for e in it if is_job_name(e.name) and e.is_file(follow_symlinks=False)]
     except FileNotFoundError:
         return []
 

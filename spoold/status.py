@@ -53,11 +53,10 @@ from spoold.layout import (
     FAILED,
     HEARTBEATS,
     INCOMING,
-    JOB_SUFFIX,
     PROCESSING,
     find_job_dir,
-    interrupted_retry,
-    is_upload_in_progress,
+    in_transit_note,
+    is_job_name,
     job_dir_entries,
     waiting_files,
 )
@@ -332,13 +331,13 @@ def build_report(spool: Path, stale_after_s: float, now: float | None = None) ->
     return report
 
 
-def find_job(spool: Path, job_id: str) -> tuple[str, dict[str, Any] | Unreadable] | None:
-    """(processing|done|failed, state.json, or why it cannot be read) of one job, or None."""
+def find_job(spool: Path, job_id: str) -> tuple[Path, dict[str, Any] | Unreadable] | None:
+    """(its directory, its state.json or why that cannot be read) of one job, or None."""
     job_dir = find_job_dir(spool, job_id)
     found = read_job(job_dir) if job_dir is not None else None
     if job_dir is None or found is None:
         return None
-    return job_dir.parent.name, found.to_dict() if isinstance(found, JobState) else found
+    return job_dir, found.to_dict() if isinstance(found, JobState) else found
 
 
 # -- rendering ---------------------------------------------------------------------
@@ -498,8 +497,8 @@ def render_job(where: str, state: dict[str, Any], view: dict[str, Any], job_dir:
         )
     if state.get("error"):
         lines.append(f"  error: {state['error']}")
-    if (interrupted := interrupted_retry(job_dir)) is not None:
-        lines.append(f"  note: {interrupted}")
+    if (note := in_transit_note(job_dir)) is not None:
+        lines.append(f"  note: {note}")
     paths = [path for path in results(job_dir).values() if path]
     lines.append(f"  results: {', '.join(paths) or 'none yet'}")
     return "\n".join(lines)
@@ -508,7 +507,7 @@ def render_job(where: str, state: dict[str, Any], view: dict[str, Any], job_dir:
 def _waiting_file(spool: Path, name: str) -> Path | None:
     """incoming/<name> if it is a file waiting to be claimed (the id `spoold jobs` gives
     it), else None."""
-    if "/" in name or not name.endswith(JOB_SUFFIX) or is_upload_in_progress(name):
+    if "/" in name or not is_job_name(name):
         return None
     path = spool / INCOMING / name
     try:
@@ -566,7 +565,8 @@ def _main(argv: list[str] | None) -> int:
             else:
                 print(f"{waiting}: waiting, not claimed yet (it gets a job id when it is)")
             return report.exit_code
-        where_, state = found
+        job_dir, state = found
+        where_ = job_dir.parent.name
         if isinstance(state, Unreadable):
             problem = f"job {args.job_id} ({where_}/) cannot be read: {state.why}"
             if args.json:
@@ -574,7 +574,6 @@ def _main(argv: list[str] | None) -> int:
             else:
                 print(problem)
             return max(report.exit_code, DEGRADED)
-        job_dir = find_job_dir(cfg.spool_dir, args.job_id) or cfg.spool_dir / where_ / args.job_id
         in_processing = where_ == PROCESSING
         owner = _read_owner(job_dir) if in_processing else None
         view = _job_view(state, report.daemons, report.now, owner, waits=in_processing)

@@ -18,7 +18,7 @@ from spoold.job import (
     load_state,
     save_state,
 )
-from spoold.layout import RETRY_PREFIX, find_job_dir, interrupted_retry
+from spoold.layout import RETRY_PREFIX, find_job_dir, in_transit_note
 from spoold.spool import Spool
 from spoold.validate import Request, scan_file
 
@@ -83,7 +83,7 @@ def retry_job(spool: Spool, job_id: str, max_line_bytes: int) -> str:
     if job_dir == staging:  # R1 (design §6a)
         return _requeue(spool, staging, job_id) + " (it finishes a retry that was interrupted)"
     if job_dir.parent.parent == spool.heartbeats:  # parked (design §2 C23)
-        raise SubmitError(f"{interrupted_retry(job_dir)}; retry it once it is filed")
+        raise SubmitError(f"{in_transit_note(job_dir)}; retry it once it is filed")
     if job_dir.parent == spool.processing:
         # Its errors.jsonl may hold an uncommitted tail, and its run is not over.
         raise SubmitError(
