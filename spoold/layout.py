@@ -76,8 +76,9 @@ def in_transit_note(job_dir: Path) -> str | None:
     interrupted retry) or parked in a lease directory; None for a job in its place."""
     if job_dir.parent.parent.name == HEARTBEATS:
         return (
-            f"{job_dir.name} is parked in {job_dir.parent.name} (its daemon stopped while "
-            "filing it): the next start of a daemon on this spool files it"
+            f"{job_dir.name} is parked in {job_dir.parent.name} (its daemon was interrupted "
+            "while filing it): the next recovery files it (a daemon's start, or a running "
+            "daemon's next pass)"
         )
     if not job_dir.name.startswith(RETRY_PREFIX):
         return None

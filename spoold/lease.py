@@ -258,8 +258,16 @@ def remove_fenced(grave: Path) -> None:
         # A job could not be put back (a full disk, a failing mount): nothing of the
         # directory goes; a later recovery tries again (it finds `.fenced-` trees).
         return
+    # Never a recursive delete: a filing move that resolved the lease directory before
+    # the fence (an NFS client's cached handle) may land a job here after the rescue.
+    # Files go (temps, graves, unique-id buckets), a directory is a job and stays, and
+    # the last rmdir fails rather than delete one that landed meanwhile.
     with contextlib.suppress(OSError):
-        fsio.remove_tree(grave)
+        for child in grave.iterdir():
+            if child.is_dir() and not child.is_symlink():
+                return  # landed after the rescue: the next recovery puts it back
+            fsio.remove(child)
+        fsio.remove_dir(grave)
 
 
 def rescue_parked(lease_dir: Path) -> bool:

@@ -64,6 +64,7 @@ from spoold.lease import (
     read_raw,
     read_record,
     remove_fenced,
+    rescue_parked,
     take_record,
 )
 
@@ -616,6 +617,9 @@ class Spool:
         # spoold@N of a host start together after a reboot): whatever another one did
         # first (FileNotFoundError, FileExistsError) is simply done.
         self._fence_orphans()
+        # A job of ours parked in our own lease dir (a second filing move and its
+        # put-back both failed, design §2 W3): back to processing/, then filed below.
+        rescue_parked(self.lease.dir)
         for base, prefix in ((self.processing, CLAIM_PREFIX), (self.failed, REJECT_PREFIX)):
             for staging in base.iterdir():
                 if staging.name.startswith(prefix):
