@@ -44,6 +44,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from spoold.logs import setup_logging
 
     cfg = _load(args)
+    if cfg.engine.backend == "ray":
+        from spoold.engines.rayengine import check_ray_config
+
+        check_ray_config(cfg.engine)
     if cfg.engine.backend == "vllm":
         from spoold.engines.vllm import check_engine_args
 

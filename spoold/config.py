@@ -33,6 +33,17 @@ class FakeEngineConfig:
 
 
 @dataclass
+class RayConfig:
+    """engine.ray (SPEC §6, design §10): where the replicas run and how many."""
+
+    # null: a local Ray started by the daemon; "auto": the cluster on this host;
+    # else a cluster address (host:port of its GCS, or ray://head:10001).
+    address: str | None = None
+    replicas: int | None = None  # None: one per GPU of the cluster (per tensor_parallel_size), ≥ 1
+    resources_per_replica: dict[str, float] | None = None  # None: {GPU: tp}, or {CPU: 1}
+
+
+@dataclass
 class EngineConfig:
     backend: str = "fake"
     model: str = "fake-model"
@@ -43,6 +54,7 @@ class EngineConfig:
     dtype: str = "auto"
     extra_args: dict[str, Any] = field(default_factory=dict)
     fake: FakeEngineConfig = field(default_factory=FakeEngineConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
 
     def resolve_model(self, requested: object) -> str:
         """The engine model for a request's body.model: a mapped alias, else engine.model."""
@@ -147,13 +159,14 @@ _POSITIVE = {
     "heartbeat.stale_after_s",
     "engine.tensor_parallel_size",
     "engine.fake.batch_size",
+    "engine.ray.replicas",
     "watch.rescan_interval_s",
     "gpu.max_memory_percent",
     "gpu.max_temperature_c",
     "gpu.resume_temperature_c",
 }
 _CHOICES = {
-    "engine.backend": ("fake", "vllm"),
+    "engine.backend": ("fake", "vllm", "ray"),
     "logging.format": ("auto", "json", "console"),
     "logging.level": ("debug", "info", "warning", "error"),
 }
@@ -220,7 +233,9 @@ def _build(cls: type[Any], raw: Any, prefix: str) -> Any:
             dotted = f"{prefix}.{key}" if prefix else str(key)
             also = ""
             if prefix == "engine":
-                also = "; with engine.backend: vllm, any vLLM engine argument may be set here"
+                also = (
+                    "; with engine.backend: vllm or ray, any vLLM engine argument may be set here"
+                )
             raise ConfigError(
                 f"unknown key {dotted!r} (known keys in {where}: {', '.join(sorted(names))}{also})"
             )
@@ -230,7 +245,7 @@ def _build(cls: type[Any], raw: Any, prefix: str) -> Any:
             continue
         dotted = f"{prefix}.{name}" if prefix else name
         value = _check_type(raw[name], hints[name], dotted)
-        if dotted in _POSITIVE and value <= 0:
+        if dotted in _POSITIVE and value is not None and value <= 0:
             raise ConfigError(f"{dotted}: must be greater than 0, got {value!r}")
         if dotted in _CHOICES and value not in _CHOICES[dotted]:
             raise ConfigError(f"{dotted}: must be one of {', '.join(_CHOICES[dotted])}")
@@ -243,9 +258,10 @@ def _check_relations(cfg: Config) -> None:
         raise ConfigError("engine.gpu_memory_utilization: must be in (0, 1]")
     if cfg.gpu.max_memory_percent > 100:
         raise ConfigError("gpu.max_memory_percent: must be at most 100")
-    if cfg.engine.backend == "vllm" and (
-        cfg.engine.gpu_memory_utilization * 100 >= cfg.gpu.max_memory_percent
-    ):
+    local_gpus = cfg.engine.backend == "vllm" or (
+        cfg.engine.backend == "ray" and cfg.engine.ray.address is None
+    )
+    if local_gpus and (cfg.engine.gpu_memory_utilization * 100 >= cfg.gpu.max_memory_percent):
         # vLLM takes that share of the GPU for itself: the guard would then see the GPU
         # over its limit before every chunk, and throttle forever once the model loaded.
         raise ConfigError(
@@ -259,6 +275,18 @@ def _check_relations(cfg: Config) -> None:
         raise ConfigError("gpu.resume_temperature_c: must not exceed gpu.max_temperature_c")
     if cfg.heartbeat.stale_after_s <= cfg.heartbeat.interval_s:
         raise ConfigError("heartbeat.stale_after_s: must be longer than heartbeat.interval_s")
+    res = cfg.engine.ray.resources_per_replica
+    if res is not None:
+        if not res:
+            raise ConfigError(
+                "engine.ray.resources_per_replica: empty; name what one replica needs, "
+                "e.g. {GPU: 1} or {CPU: 4} (or leave the key out for the default)"
+            )
+        for name, amount in res.items():
+            if amount < 0:
+                raise ConfigError(
+                    f"engine.ray.resources_per_replica.{name}: must not be negative, got {amount:g}"
+                )
     if cfg.engine.fake.delay_per_request_s < 0:
         raise ConfigError("engine.fake.delay_per_request_s: must not be negative")
     if cfg.watch.settle_seconds < 0:
@@ -277,14 +305,15 @@ def _check_relations(cfg: Config) -> None:
 
 
 def _split_engine_args(raw: Any) -> tuple[Any, dict[str, Any]]:
-    """With `engine.backend: vllm`, keys under `engine` that are not spoold's own are
-    vLLM engine arguments (SPEC §6): (raw without them, them)."""
+    """With `engine.backend: vllm` (or `ray`, whose replicas are vLLM engines), keys
+    under `engine` that are not spoold's own are vLLM engine arguments (SPEC §6): (raw
+    without them, them)."""
     engine = raw.get("engine") if isinstance(raw, dict) else None
-    if not isinstance(engine, dict) or engine.get("backend") != "vllm":
+    if not isinstance(engine, dict) or engine.get("backend") not in ("vllm", "ray"):
         return raw, {}
     if "model" not in engine:
         raise ConfigError(
-            "engine.model: required with engine.backend: vllm (a hub id such as "
+            f"engine.model: required with engine.backend: {engine['backend']} (a hub id such as "
             "Qwen/Qwen2.5-0.5B-Instruct, or a local path)"
         )
     own = {f.name for f in dataclasses.fields(EngineConfig)}

@@ -23,7 +23,7 @@ import structlog
 from spoold.admission import Admission, AdmitReport, AdmitWhileRunning
 from spoold.backoff import Backoff
 from spoold.config import Config
-from spoold.engines.base import Engine, EngineFatal, ModelLoadError
+from spoold.engines.base import ClusterUnavailable, Engine, EngineFatal, ModelLoadError
 from spoold.execution import Hooks, input_matches
 from spoold.fsio import Fenced
 from spoold.gpu import GpuGuard, GpuReader
@@ -84,10 +84,13 @@ class _Engines:
         stop meanwhile). A daemon that cannot load its model again exits (the service
         manager restarts it)."""
         daemon = self.daemon
-        if daemon.engine is not None:
+        engine = daemon.engine
+        if engine is not None and engine.revive():  # the ray backend: a replica replaced
+            log.warning("replacing what died of the engine", model=self.model)
+            return engine
+        if engine is not None:
             with contextlib.suppress(Exception):
-                daemon.engine.close()
-            daemon.engine = None
+                daemon.close_engine()
         log.warning("reloading the engine after its death", model=self.model)
         try:
             return daemon._engine_for(self.model)
@@ -128,6 +131,10 @@ class Daemon:
         self.model_loads = Backoff(p.model_retry_s, max(p.model_retry_s, MODEL_RETRY_CAP_S), clock)
         self.job_retries = Backoff(p.io_retry_s, max(p.io_retry_s, JOB_RETRY_CAP_S), clock)
         self.models_failed = 0  # jobs filed as failed because their model never loaded
+        # The ray backend's cluster, while it cannot be reached (design §10): every job
+        # waits; nothing is counted against a model or a job.
+        self.cluster = Backoff(p.model_retry_s, max(p.model_retry_s, MODEL_RETRY_CAP_S), clock)
+        self._engine_seen: dict[str, Any] | None = None  # the last engine section
         self._drain_io_tries = max(DRAIN_IO_TRIES, p.max_job_attempts + 1)
         # Jobs whose input changed after the claim, settling again (design §5c): job id →
         # (the input's size, mtime and ctime, when first seen so).
@@ -148,7 +155,10 @@ class Daemon:
         self._beat_error_said = -1e9  # when a failing heartbeat write was last logged
         self.lease_lost = False  # --drain gave up: its heartbeat could not be written
         self.guard = GpuGuard(cfg.gpu, gpu_reader)
-        self.heartbeat.sampler = lambda: {"gpu": self.guard.sample()}
+        self.heartbeat.sampler = lambda: {
+            "gpu": self.guard.sample(),
+            "engine": self._engine_section(),
+        }
         self.disk_free = disk_free or (lambda path: shutil.disk_usage(path).free)
         self.admission = Admission(
             self.spool,
@@ -328,6 +338,8 @@ class Daemon:
                     continue
                 if drain and not self._lease_holds():
                     break
+                if drain and self._cluster_given_up():
+                    break
                 if drain and not self._drain_should_wait(report):
                     break
                 self._idle(report)
@@ -355,6 +367,9 @@ class Daemon:
             jobs = sorted(job_id for job_id, _ in self.job_retries)
             log.error("jobs left in processing/ after repeated I/O errors", jobs=jobs)
             left.append(f"left in processing/ after repeated I/O errors: {', '.join(jobs)}")
+        cluster = self.cluster.get("ray")
+        if cluster is not None:
+            left.append(f"jobs left queued: {cluster.error}")
         if self.lease_lost:  # said when it gave up: work may be left in processing/
             left.append("the heartbeat could not be written; work left in processing/")
         cannot_admit = self.admission.cannot_admit()
@@ -516,9 +531,7 @@ class Daemon:
         try:
             # Before `stopped`: a daemon that starts as this instance once it reads
             # `stopped` must find the GPU memory given back.
-            if self.engine is not None:
-                self.engine.close()
-                self.engine = None
+            self.close_engine()
         finally:
             try:
                 self.heartbeat.stop("stopped", reason=reason)
@@ -545,7 +558,8 @@ class Daemon:
         with self._pass_lock:  # a side pass may be ending
             settles = self.admission.settle_wait_s(report)
         waits = [] if settles is None else [settles]
-        due = [d - now for d in (self.model_loads.next_due(), self.job_retries.next_due()) if d]
+        backoffs = (self.model_loads, self.job_retries, self.cluster)
+        due = [d - now for d in (b.next_due() for b in backoffs) if d]
         timeout = min([*waits, *due, self._max_idle_s, self._next_take_over - now])
         if self._resettle:
             timeout = min(timeout, self.cfg.watch.settle_seconds)
@@ -562,6 +576,7 @@ class Daemon:
             or bool(report.waiting)
             or bool(self._resettle)
             or any(f.attempts < self._drain_io_tries for _, f in self.job_retries)
+            or bool(self.cluster)  # a lost ray cluster, until _cluster_given_up
             # Jobs of peers not judged yet: alive (seen beating) or dead (stale_after_s).
             or bool(self.spool.owners_undecided())
             # Our heartbeat does not land: we acquire nothing meanwhile (_lease_holds).
@@ -706,6 +721,8 @@ class Daemon:
             # Don't switch back and forth: jobs for the loaded model go first.
             loaded = self.engine.model if self.engine is not None else None
             jobs.sort(key=lambda j: self._job_models[j[1].id] != loaded)
+        if self.cluster.waiting("ray"):
+            return None  # the ray cluster is away: every job waits for it (design §10)
         for job_dir, state in jobs:
             model = self._job_models[state.id]
             if not ignore_backoff and (
@@ -840,8 +857,7 @@ class Daemon:
         and raised as ModelLoadError."""
         if self.engine is not None and self.engine.model != model:
             log.info("switching model", old=self.engine.model, new=model)
-            self.engine.close()
-            self.engine = None
+            self.close_engine()
         if self.engine is None:
             if not self.gate():  # SPEC §7: no model load onto a hot or full GPU
                 return None
@@ -849,6 +865,9 @@ class Daemon:
             self.notifier.status(f"loading model {model}")
             try:
                 self.engine = self.engine_factory(model)
+            except ClusterUnavailable as e:
+                self._cluster_lost(e)
+                raise
             except Exception as e:
                 error = f"{type(e).__name__}: {e}".replace("\n", " ")[:1000]
                 failing = self.model_loads.failed(model, error)
@@ -870,6 +889,9 @@ class Daemon:
                 raise ModelLoadError(error) from e
             if self.model_loads.succeeded(model):
                 self._problem(f"model:{model}", None)
+            if self.cluster.succeeded("ray"):
+                log.info("the ray cluster is back", address=self.cfg.engine.ray.address)
+                self._problem("engine:ray", None)
             self._show(status="processing")  # loads happen inside a job's run
             self.engine.on_step = self.notifier.watchdog
         return self.engine
@@ -887,6 +909,10 @@ class Daemon:
                 raise  # the main loop's to handle
             except ModelLoadError:
                 return  # remembered by _engine_for; the job waits for the next try
+            except ClusterUnavailable as e:
+                if self.engine is not None:  # lost mid-run (a load's was seen there)
+                    self._cluster_lost(e)
+                return  # the job waits, its attempt given back (design §10)
             except Exception as e:
                 # Never die for one job, and never retry it at once: an I/O error (its
                 # attempt given back) or a bug (its attempt counted) waits a backoff.
@@ -902,6 +928,50 @@ class Daemon:
                 return
         if self.job_retries.succeeded(state.id):
             self._problem(topic, None)
+
+    def close_engine(self) -> None:
+        """Close the engine (GPU memory given back, the ray replicas stopped); the
+        heartbeat keeps its last section, as closed."""
+        engine, self.engine = self.engine, None
+        if engine is not None:
+            try:
+                engine.close()
+            finally:
+                self._engine_seen = engine.describe()
+
+    def _cluster_lost(self, error: ClusterUnavailable) -> None:
+        """The ray cluster cannot be reached: drop the engine (its driver is gone or
+        going), and wait a backoff before the next try; every job waits meanwhile."""
+        with contextlib.suppress(Exception):
+            self.close_engine()
+        failing = self.cluster.failed("ray", str(error))
+        wait = max(0.0, failing.retry_at - self.clock())
+        log.error(
+            "the ray cluster is unavailable; jobs wait for it",
+            attempt=failing.attempts,
+            retry_in_s=round(wait),
+            error=str(error),
+        )
+        self._problem(
+            "engine:ray",
+            f"{error}; jobs wait (their attempts are not counted), next try in {wait:.0f} s",
+        )
+
+    def _cluster_given_up(self) -> bool:
+        """--drain stops waiting for a lost ray cluster after as many tries as for an
+        I/O error, and exits 1 with the jobs left queued."""
+        failing = self.cluster.get("ray")
+        return failing is not None and failing.attempts >= self._drain_io_tries
+
+    def _engine_section(self) -> dict[str, Any]:
+        """The heartbeat's `engine`: the backend, its model and (ray) its replicas; after
+        a close, the last one seen, its replicas no longer alive."""
+        engine = self.engine
+        if engine is not None:
+            self._engine_seen = engine.describe()
+        if self._engine_seen is not None:
+            return self._engine_seen if engine is not None else _closed(self._engine_seen)
+        return {"backend": self.cfg.engine.backend, "model": None}
 
     def _progress(self, state: JobState, tokens: int, rate: float) -> None:
         """Work moved (the runner's progress callback): heartbeat fields, metrics,
@@ -921,3 +991,11 @@ class Daemon:
         )
         self.notifier.status(f"processing {state.id}: {done}/{c.total}")
         self.notifier.watchdog()
+
+
+def _closed(section: dict[str, Any]) -> dict[str, Any]:
+    """An engine section as left after its engine closed."""
+    out = dict(section)
+    if "replicas" in out:
+        out["replicas"] = [{**r, "alive": False} for r in out["replicas"]]
+    return out

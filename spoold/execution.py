@@ -23,7 +23,14 @@ import structlog
 
 from spoold import formats, isolation
 from spoold.config import Config
-from spoold.engines.base import Completion, Engine, EngineDied, Failure, Outcome
+from spoold.engines.base import (
+    ClusterUnavailable,
+    Completion,
+    Engine,
+    EngineDied,
+    Failure,
+    Outcome,
+)
 from spoold.fsio import AppendLog
 from spoold.job import Checkpoint, JobState, RequestCounts
 from spoold.spool import Spool
@@ -183,8 +190,8 @@ class Execution:
                     for outcome in self.engine.run(source):
                         self.record(outcome)
                     return
-                except EngineDied:
-                    raise
+                except (EngineDied, ClusterUnavailable):
+                    raise  # not the batch's fault: nothing to bisect
                 except Exception as e:
                     # Only the engine's own failures are bisected. An error reading the
                     # input or writing results ends the run: bisecting it would let the
@@ -211,7 +218,7 @@ class Execution:
             try:
                 for outcome in self.engine.run(iter(half)):
                     self.record(outcome)
-            except EngineDied:
+            except (EngineDied, ClusterUnavailable):
                 raise
             except Exception as e:
                 if run.failure is not None:

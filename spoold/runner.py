@@ -15,7 +15,7 @@ import structlog
 
 from spoold import formats, isolation, ledger
 from spoold.config import Config
-from spoold.engines.base import ModelLoadError
+from spoold.engines.base import ClusterUnavailable, ModelLoadError
 from spoold.execution import (
     ENGINE_CRASH,
     EngineSource,
@@ -238,11 +238,11 @@ class Runner:
         except JobFailed as e:
             state.error = str(e)
             return self._finish(job_dir, state, FAILED, jlog)
-        except (ModelLoadError, _InputChanged) as e:
+        except (ModelLoadError, ClusterUnavailable, _InputChanged) as e:
             if isinstance(e, _InputChanged):
                 jlog.warning("the input changed after the claim; the job waits for it to settle")
-            give_back(self.spool, job_dir)
-            if isinstance(e, ModelLoadError):
+            give_back(self.spool, job_dir)  # nothing uncommitted counts (design §3, §10)
+            if not isinstance(e, _InputChanged):
                 raise
             return QUEUED
         except OSError as e:

@@ -8,6 +8,10 @@ from spoold.engines.base import Engine
 
 def make_engine(cfg: EngineConfig, model: str) -> Engine:
     """Build the engine named by `engine.backend` for `model` (vLLM is imported lazily)."""
+    if cfg.backend == "ray":
+        from spoold.engines.rayengine import RayEngine
+
+        return RayEngine(cfg, model)
     if cfg.backend == "vllm":
         from spoold.engines.vllm import VllmEngine
 

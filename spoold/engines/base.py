@@ -42,6 +42,19 @@ class Failure:
 Outcome = Completion | Failure
 
 
+class _Idle:
+    """What a feed yields when it has nothing to hand out yet but more may come."""
+
+    def __repr__(self) -> str:
+        return "IDLE"
+
+
+# A feed (the `requests` of Engine.run) may yield IDLE: the engine steps what it holds
+# and asks again. A feed must block instead of yielding IDLE while the engine holds
+# nothing (it would spin). The ray backend's replicas are fed so (design §10).
+IDLE: Any = _Idle()
+
+
 class EngineDied(Exception):
     """The engine died in-process (vLLM's engine core exited) with requests in flight:
     it must be reloaded, and the requests it held are suspects (design §5a)."""
@@ -55,8 +68,15 @@ class ModelLoadError(Exception):
     """A model could not be loaded (unknown name, no network, out of memory)."""
 
 
+class ClusterUnavailable(Exception):
+    """The engine's cluster cannot be reached (the ray backend: Ray could not start or
+    connect, or the connection was lost). Not the model's fault and not the job's: the
+    job waits, its attempt given back, and the daemon tries again later (design §10)."""
+
+
 class Engine(ABC):
     model: str
+    backend = "engine"  # engine.backend's name for it
     # Called after every engine step (the loop that makes progress): the daemon
     # pings systemd's watchdog from here, so a hung engine is noticed.
     on_step: Callable[[], None] | None = None
@@ -71,6 +91,15 @@ class Engine(ABC):
         means every pulled request still without an outcome failed together, the
         engine still alive: the caller isolates the culprit by bisection.
         """
+
+    def revive(self) -> bool:
+        """After `run` raised EngineDied: make the engine usable again in place (the
+        ray backend replaces its dead replica). False: it cannot, build a new one."""
+        return False
+
+    def describe(self) -> dict[str, Any]:
+        """The heartbeat's `engine` section (read from the heartbeat's thread)."""
+        return {"backend": type(self).backend, "model": self.model}
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release the engine's resources."""

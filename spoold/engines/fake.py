@@ -9,7 +9,15 @@ import zlib
 from collections.abc import Iterator
 
 from spoold.config import FakeEngineConfig
-from spoold.engines.base import Choice, Completion, Engine, EngineDied, ModelLoadError, Outcome
+from spoold.engines.base import (
+    IDLE,
+    Choice,
+    Completion,
+    Engine,
+    EngineDied,
+    ModelLoadError,
+    Outcome,
+)
 from spoold.validate import SUPPORTED_URLS, Request
 
 _WORDS = (
@@ -66,6 +74,8 @@ def fake_answer(request: Request, text: str, index: int = 0) -> tuple[str, str, 
 
 
 class FakeEngine(Engine):
+    backend = "fake"
+
     def __init__(self, model: str, cfg: FakeEngineConfig) -> None:
         if cfg.load_fail_marker and cfg.load_fail_marker in model:
             raise ModelLoadError(f"fake engine: no model named {model!r} (load_fail_marker)")
@@ -88,7 +98,9 @@ class FakeEngine(Engine):
     def run(self, requests: Iterator[Request]) -> Iterator[Outcome]:
         size = self.cfg.batch_size
         while batch := list(itertools.islice(requests, size)):
-            yield from self._run_batch(batch)
+            batch = [r for r in batch if r is not IDLE]  # a feed with nothing yet
+            if batch:
+                yield from self._run_batch(batch)
 
     def _run_batch(self, batch: list[Request]) -> list[Completion]:
         if self.dead:

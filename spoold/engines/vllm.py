@@ -26,7 +26,7 @@ from typing import Any
 import structlog
 
 from spoold.config import ConfigError, EngineConfig
-from spoold.engines.base import Choice, Completion, Engine, EngineDied, Failure, Outcome
+from spoold.engines.base import IDLE, Choice, Completion, Engine, EngineDied, Failure, Outcome
 from spoold.validate import Request
 
 log = structlog.get_logger("spoold.engines.vllm")
@@ -60,6 +60,8 @@ def check_engine_args(cfg: EngineConfig) -> None:
 
 
 class VllmEngine(Engine):
+    backend = "vllm"
+
     def __init__(self, cfg: EngineConfig, model: str) -> None:
         from vllm import LLM
 
@@ -160,6 +162,8 @@ class VllmEngine(Engine):
                     req = next(requests, None)
                     if req is None:
                         exhausted = True
+                        break
+                    if req is IDLE:  # nothing more yet: step what we hold (base.IDLE)
                         break
                     rid = f"spoold-{next(self._ids)}"
                     try:
