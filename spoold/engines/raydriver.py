@@ -8,7 +8,7 @@ daemon never imports Ray: a lost cluster ends this process (Ray itself terminate
 driver that lost its GCS), not the daemon.
 
 Messages, daemon → driver: ("start", settings), ("reqs", [(key, Request)…]),
-("revive",), ("shutdown",). Driver → daemon: ("ready", replicas), ("load_failed", why),
+("shutdown",). Driver → daemon: ("ready", replicas), ("load_failed", why),
 ("out", replica_id, its completed count, [(key, payload)…]), ("died", replica_id, keys,
 why), ("failed", replica_id, keys, why), ("replicas", replicas), ("lost", why).
 """
@@ -34,6 +34,7 @@ from spoold.engines.base import IDLE, Completion, EngineDied, Outcome
 from spoold.validate import Request
 
 TAKE_WAIT_S = 0.2  # a replica's take() waits this long for an outcome
+KEEP_DEAD = 4  # replicas that died, still listed (alive: false)
 UNAVAILABLE_GRACE_S = 10.0  # a replica unreachable this long (its GCS up) is dead
 # Environment a replica on another node needs from the daemon's (vLLM and hub settings).
 PASSED_ENV = ("VLLM_", "HF_", "HUGGINGFACE_", "TRANSFORMERS_", "SPOOLD_")
@@ -260,6 +261,9 @@ class Driver:
             ray.kill(rep.actor, no_restart=True)
 
     def describe(self) -> list[dict[str, Any]]:
+        dead = [r.id for r in self.reps.values() if not r.alive and r.ready is None]
+        for gone in dead[:-KEEP_DEAD]:  # the heartbeat lists the last few that died
+            del self.reps[gone]
         return [
             {
                 "id": r.id,
@@ -289,8 +293,6 @@ class Driver:
                 msg = self.conn.recv()
                 if msg[0] == "reqs":
                     self.queue.extend(msg[1])
-                elif msg[0] == "revive":
-                    self.revive()
                 elif msg[0] == "shutdown":
                     return
             self.dispatch()
@@ -367,11 +369,14 @@ class Driver:
         rep.take = rep.actor.take.remote(TAKE_WAIT_S)
 
     def _died(self, rep: _Rep, why: str) -> None:
+        """A replica is gone: its replacement starts now (placed by Ray where there is
+        room), then the daemon hears of both, the replicas first."""
         keys = sorted(rep.held)
         rep.held.clear()
         self._drop(rep)
-        self.send(("died", rep.id, keys, f"replica {rep.id} on {rep.node or '?'}: {why}"))
+        self.start_replica()
         self.send(("replicas", self.describe()))
+        self.send(("died", rep.id, keys, f"replica {rep.id} on {rep.node or '?'}: {why}"))
 
     def _check_cluster(self, error: BaseException) -> None:
         """A replica call failed: if the cluster's GCS is gone too, the cluster is lost
@@ -386,13 +391,6 @@ class Driver:
             # No ray.shutdown(): without its GCS it may wait for minutes. The daemon
             # kills this process group (a local Ray's processes with it).
             os._exit(0)
-
-    def revive(self) -> None:
-        """Start a replacement for each replica that died (in the background)."""
-        for rep in [r for r in self.reps.values() if not r.alive and r.ready is None]:
-            del self.reps[rep.id]
-            self.start_replica()
-        self.send(("replicas", self.describe()))
 
     def close(self) -> None:
         import ray

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import queue
 import signal
 import socket
 import subprocess
@@ -143,6 +144,11 @@ class RayEngine(Engine):
             raise
         self._set_replicas(msg[1])
         log.info("ray replicas ready", model=model, replicas=self.replicas())
+        # From here on one thread reads the driver, also between jobs: the heartbeat's
+        # replicas stay current (a replacement that started, counts).
+        self._inbox: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
+        self._reader = threading.Thread(target=self._read, name="ray-driver", daemon=True)
+        self._reader.start()
 
     # -- the driver ---------------------------------------------------------------
 
@@ -158,6 +164,25 @@ class RayEngine(Engine):
             code = self.proc.poll()
             why = f"exit code {code}" if code is not None else type(e).__name__
             return ("lost", f"the ray driver process ended ({why})")
+
+    def _read(self) -> None:
+        while True:
+            msg = self._recv(None)
+            if msg[0] == "replicas":
+                self._set_replicas(msg[1])
+                continue
+            if msg[0] == "out":
+                self._completed(msg[1], msg[2])
+            self._inbox.put(msg)
+            if msg[0] == "lost":
+                return
+
+    def _next(self, timeout: float) -> tuple[Any, ...]:
+        """The driver's next message for a run (("timeout",) after `timeout` s)."""
+        try:
+            return self._inbox.get(timeout=timeout)
+        except queue.Empty:
+            return ("timeout",)
 
     def _send(self, msg: tuple[Any, ...]) -> None:
         try:
@@ -226,14 +251,12 @@ class RayEngine(Engine):
                     raise EngineDied("no ray replica is alive and none is starting")
                 if self._window() > 0:
                     continue
-            msg = self._recv(1.0)
+            msg = self._next(1.0)
             if self.on_step is not None:
                 self.on_step()
             kind = msg[0]
             if kind == "out":
-                _, replica, completed, outs = msg
-                self._completed(replica, completed)
-                for key, payload in outs:
+                for key, payload in msg[3]:
                     req = inflight.pop(key, None)
                     if req is None:  # of a run abandoned earlier (a stop, a cancel)
                         continue
@@ -251,20 +274,16 @@ class RayEngine(Engine):
                 )
                 if mine and fault is None:
                     fault = EngineDied(why) if kind == "died" else RuntimeError(why)
-            elif kind == "replicas":
-                self._set_replicas(msg[1])
             elif kind == "lost":
                 raise ClusterUnavailable(self._lost(msg))
 
     def revive(self) -> bool:
-        """Replace the replicas that died; the live ones go on at once (design §10)."""
+        """After a replica died: the driver has started its replacement already (the
+        live ones go on at once, design §10). False when none is alive or starting:
+        then the daemon builds the engine afresh (a new driver, new replicas)."""
         if self._closed or self.proc.poll() is not None:
             return False
-        try:
-            self._send(("revive",))
-        except ClusterUnavailable:
-            return False
-        return True
+        return self._window() > 0 or self._starting()
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -290,6 +309,9 @@ class RayEngine(Engine):
             os.killpg(self.proc.pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(5)
+        reader = getattr(self, "_reader", None)
+        if reader is not None:
+            reader.join(5)  # it read the driver's EOF
         self.conn.close()
         with self._lock:
             self._replicas = [{**r, "alive": False, "window": 0} for r in self._replicas]
