@@ -319,6 +319,7 @@ def test_a_killed_replica_loses_nothing_and_sigterm_leaves_no_ray(
         assert len(read_results(job, "output.jsonl")) == 3000
         died = [e for e in events(log) if e["event"] == "a ray replica died"]
         assert died and died[0]["requests"] > 0, _tail(log)
+
         def replaced() -> list[dict[str, Any]]:
             listed = heartbeat(spool).get("engine", {}).get("replicas", [])
             alive = [r for r in listed if r["alive"]]
@@ -434,8 +435,14 @@ def test_a_lost_cluster_pauses_the_job_and_it_resumes_exactly_once(
     reqs = greedy_requests(3000, max_tokens=32)
     write_jsonl(spool / "incoming" / "far.jsonl", reqs)
     log = tmp_path / "spoold.log"
-    with open(log, "wb") as f:
-        daemon = start_spoold("run", "--config", str(cfg), log=f)
+    # Ray 2.60 clusters use token authentication; with an explicit address a driver
+    # sends the token only when told to (README "Ray").
+    os.environ["RAY_AUTH_MODE"] = "token"
+    try:
+        with open(log, "wb") as f:
+            daemon = start_spoold("run", "--config", str(cfg), log=f)
+    finally:
+        del os.environ["RAY_AUTH_MODE"]
     try:
         wait_for(
             "the first chunk",

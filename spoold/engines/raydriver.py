@@ -436,8 +436,14 @@ def main() -> int:
             driver.connect()
         except Exception as e:
             where = settings["address"] or "a local Ray"
+            hint = ""
+            if settings["address"] not in (None, "auto") and "RAY_AUTH_MODE" not in os.environ:
+                hint = (
+                    " (a cluster with token authentication, Ray's default, needs "
+                    "RAY_AUTH_MODE=token and its token in spoold's environment)"
+                )
             driver.send(("lost", f"cannot start or reach Ray (engine.ray.address: {where}): "
-                                 f"{_reason(e)}"))  # fmt: skip
+                                 f"{_reason(e)}{hint}"))  # fmt: skip
             return 0
         try:
             driver.start()
@@ -452,4 +458,3 @@ def main() -> int:
     finally:
         driver.close()
     return 0
-
