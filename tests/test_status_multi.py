@@ -315,3 +315,34 @@ def test_an_unreadable_heartbeat_is_a_problem_not_a_silence(tmp_path: Path) -> N
     report = status.build_report(spool, STALE_AFTER_S)
     assert report.exit_code == status.DEGRADED
     assert any("heartbeats/gpu1.json cannot be read" in p for p in report.problems)
+
+
+def test_a_ray_daemon_lists_its_replicas_with_where_they_run_and_what_they_did(
+    tmp_path: Path,
+) -> None:
+    spool = tmp_path / "spool"
+    replicas = [
+        {"id": 0, "node": "10.0.0.5", "alive": False, "completed": 1200},
+        {"id": 1, "node": "10.0.0.6", "alive": True, "completed": 3400},
+        {"id": 2, "node": "10.0.0.7", "alive": True, "completed": 15},
+    ]
+    engine = {"backend": "ray", "model": "m", "address": "head:6379", "replicas": replicas}
+    _beat(spool, "gpu-pool", status="processing", engine=engine)
+    _beat(spool, "plain", engine={"backend": "vllm", "model": "m"})
+    proc = subprocess.run(
+        [sys.executable, "-m", "spoold.status", "--spool", str(spool)],
+        capture_output=True, text=True, env=_env(), timeout=30,
+    )  # fmt: skip
+    out = proc.stdout
+    assert "ray (head:6379): 2 of 3 replicas alive" in out
+    assert "replica 0 on 10.0.0.5: dead, 1200 completed" in out
+    assert "replica 1 on 10.0.0.6: alive, 3400 completed" in out
+    assert out.count("ray (") == 1  # the vllm daemon has no replicas to list
+    as_json = json.loads(
+        subprocess.run(
+            [sys.executable, "-m", "spoold.status", "--spool", str(spool), "--json"],
+            capture_output=True, text=True, env=_env(), timeout=30,
+        ).stdout
+    )  # fmt: skip
+    beats = {d["instance"]: d for d in as_json["daemons"]}
+    assert beats["gpu-pool"]["engine"]["replicas"] == replicas
