@@ -238,8 +238,14 @@ def by_custom_id(job: Path, name: str) -> dict[str, dict[str, Any]]:
 
 
 def test_ray_backend_gives_the_vllm_backends_lines_on_two_replicas(
-    tmp_path: Path, tiny_model: Path, no_ray_left: Callable[[], None]
+    tmp_path: Path,
+    tiny_model: Path,
+    no_ray_left: Callable[[], None],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """Also: `address: null` is a Ray of the daemon's own, whatever $RAY_ADDRESS (or a
+    `ray start` of someone else's, remembered in /tmp/ray) names: here a dead one."""
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{_free_port()}")
     reqs = greedy_requests(300)
     long_prompt = " ".join(["word"] * 700)  # past max_model_len: one error line
     reqs.insert(137, completion("too-long", long_prompt, max_tokens=4, temperature=0))

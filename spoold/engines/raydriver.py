@@ -175,7 +175,10 @@ class Driver:
         address = self.settings["address"]
         env = {k: v for k, v in os.environ.items() if k.startswith(PASSED_ENV)}
         ray.init(
-            address=address,
+            # "local": always a Ray of our own. None would join the cluster named by
+            # $RAY_ADDRESS or /tmp/ray/ray_current_cluster (a `ray start` of someone
+            # else, or a dead one it then waits for).
+            address=address or "local",
             include_dashboard=False,
             log_to_driver=False,
             configure_logging=False,
