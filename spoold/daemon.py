@@ -237,6 +237,10 @@ class Daemon:
                 with contextlib.suppress(Exception):
                     if self.spool.still_owner(job_dir):
                         give_back(self.spool, job_dir)
+            engine = self.engine
+            if engine is not None:
+                with contextlib.suppress(Exception):
+                    engine.kill_now()
             with contextlib.suppress(Exception):
                 self.heartbeat.stop("stopped", reason=f"{self.stop_reason}; stop timeout")
             with contextlib.suppress(Exception):
@@ -721,6 +725,8 @@ class Daemon:
             # Don't switch back and forth: jobs for the loaded model go first.
             loaded = self.engine.model if self.engine is not None else None
             jobs.sort(key=lambda j: self._job_models[j[1].id] != loaded)
+        if not jobs and self.cluster.succeeded("ray"):
+            self._problem("engine:ray", None)  # no job waits for it any more
         if self.cluster.waiting("ray"):
             return None  # the ray cluster is away: every job waits for it (design §10)
         for job_dir, state in jobs:
@@ -855,6 +861,10 @@ class Daemon:
         """The engine for `model`, loaded if needed; None when asked to stop while
         waiting to load it. A load that fails is remembered for its backoff (design §8)
         and raised as ModelLoadError."""
+        if self.engine is not None and not self.engine.usable():
+            log.warning("the engine is gone; starting it again", model=self.engine.model)
+            with contextlib.suppress(Exception):
+                self.close_engine()
         if self.engine is not None and self.engine.model != model:
             log.info("switching model", old=self.engine.model, new=model)
             self.close_engine()

@@ -231,8 +231,14 @@ class Execution:
         run, state = self.run, self.state
         held = {line: req for line, (_, req) in run.pending.items()}
         iso = state.isolation
-        if not held and not iso.trying:
-            culprit = None  # nothing in flight: nobody to suspect
+        if not held:
+            # Nothing in flight (the ray backend: no replica left to run the group):
+            # nobody to suspect, and a group that never ran is not blamed, now or by
+            # the next start if the reload fails (design §5a, §10).
+            culprit = None
+            if iso.trying:
+                iso.trying = False
+                self._save_record()
         elif iso.groups and iso.trying:
             isolation.finished(iso, run.done)
             culprit = isolation.blame(iso)

@@ -494,3 +494,47 @@ def test_a_lost_cluster_pauses_the_job_and_it_resumes_exactly_once(
     assert not [e for e in events(log) if e["event"] == "request crashes the engine; dead-lettered"]
     assert re.search(r"ray cluster is back", log.read_text())
     no_ray_left()
+
+
+def test_no_replica_left_is_an_engine_that_cannot_be_reloaded_and_nothing_is_blamed(
+    tmp_path: Path, tiny_model: Path, no_ray_left: Callable[[], None]
+) -> None:
+    """replicas: 1, its process SIGKILLed after its model went away: the replacement
+    cannot load it, so no replica is left. The daemon exits 1 (as when the `vllm`
+    engine cannot be reloaded) without wedging and without blaming the requests it had
+    in flight; with the model back, the job finishes exactly once, no line dead-lettered."""
+    model = tmp_path / "model"
+    subprocess.run(["cp", "-r", str(tiny_model), str(model)], check=True)
+    cfg = config(tmp_path, model, "ray", ray={"replicas": 1}, processing={"chunk_size": 200})
+    spool = tmp_path / "spool"
+    reqs = greedy_requests(3000, max_tokens=32)
+    write_jsonl(spool / "incoming" / "lone.jsonl", reqs)
+    log = tmp_path / "spoold.log"
+    with open(log, "wb") as f:
+        daemon = start_spoold("run", "--config", str(cfg), log=f)
+    try:
+        wait_for(
+            "the first chunk",
+            lambda: (heartbeat(spool).get("current_job") or {}).get("completed", 0) >= 200,
+            180,
+            log,
+        )
+        (victim,) = replica_pids(daemon.pid)
+        model.rename(tmp_path / "model.away")
+        os.kill(victim, signal.SIGKILL)
+        assert daemon.wait(180) == 1, _tail(log)
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait()
+    assert "cannot be reloaded" in heartbeat(spool)["reason"], heartbeat(spool)
+    no_ray_left()
+    job = only_job(spool, "processing")
+    assert not read_results(job, "errors.jsonl")
+    (tmp_path / "model.away").rename(model)
+    assert drain_to(cfg, tmp_path / "drain.log") == 0, _tail(tmp_path / "drain.log")
+    done = only_job(spool, "done")
+    assert_exactly_once(done, [r["custom_id"] for r in reqs])
+    assert not read_results(done, "errors.jsonl")  # nobody was blamed
+    assert state(done)["request_counts"] == {"total": 3000, "completed": 3000, "failed": 0}
+    no_ray_left()

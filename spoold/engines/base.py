@@ -97,6 +97,14 @@ class Engine(ABC):
         ray backend replaces its dead replica). False: it cannot, build a new one."""
         return False
 
+    def usable(self) -> bool:
+        """Whether the engine can still run (the ray backend: its driver is there)."""
+        return True
+
+    def kill_now(self) -> None:  # noqa: B027 - optional hook
+        """The stop timer's last resort, just before the process exits: kill what the
+        engine started outside this process (the ray backend's driver and Ray)."""
+
     def describe(self) -> dict[str, Any]:
         """The heartbeat's `engine` section (read from the heartbeat's thread)."""
         return {"backend": type(self).backend, "model": self.model}

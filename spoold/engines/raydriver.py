@@ -34,6 +34,7 @@ from spoold.engines.base import IDLE, Completion, EngineDied, Outcome
 from spoold.validate import Request
 
 TAKE_WAIT_S = 0.2  # a replica's take() waits this long for an outcome
+STEPS_EVERY_S = 1.0  # at most this often, the daemon hears that replicas step on
 KEEP_DEAD = 4  # replicas that died, still listed (alive: false)
 UNAVAILABLE_GRACE_S = 10.0  # a replica unreachable this long (its GCS up) is dead
 # Environment a replica on another node needs from the daemon's (vLLM and hub settings).
@@ -73,6 +74,8 @@ class Replica:
         self.failures: list[tuple[list[int], str]] = []  # batches the engine raised for
         self.fatal: str | None = None  # the engine died: this replica is done
         self.held: dict[int, tuple[int, Request]] = {}  # id(request) → (key, request)
+        self.steps = 0  # engine steps: progress even before a request finishes
+        self.engine.on_step = self._stepped
         threading.Thread(target=self._loop, name="engine", daemon=True).start()
 
     def info(self) -> dict[str, Any]:
@@ -84,6 +87,9 @@ class Replica:
             "window": self.engine.window,
         }
 
+    def _stepped(self) -> None:
+        self.steps += 1
+
     def put(self, batch: list[tuple[int, Request]]) -> None:
         with self.cond:
             self.inbox.extend(batch)
@@ -91,15 +97,16 @@ class Replica:
 
     def take(
         self, wait_s: float
-    ) -> tuple[list[tuple[int, tuple[Any, ...]]], list[tuple[list[int], str]], str | None]:
-        """What finished since the last take (waits up to `wait_s` for something)."""
+    ) -> tuple[list[tuple[int, tuple[Any, ...]]], list[tuple[list[int], str]], str | None, int]:
+        """What finished since the last take (waits up to `wait_s` for something), and
+        the engine's step count."""
         with self.cond:
             self.cond.wait_for(
                 lambda: self.outbox or self.failures or self.fatal is not None, wait_s
             )
             out, self.outbox = self.outbox, []
             failures, self.failures = self.failures, []
-            return out, failures, self.fatal
+            return out, failures, self.fatal, self.steps
 
     def _feed(self) -> Any:
         while True:
@@ -151,6 +158,7 @@ class _Rep:
     completed: int = 0
     held: set[int] = field(default_factory=set)
     take: Any = None
+    steps: int = 0
     unavailable_since: float | None = None
 
 
@@ -166,6 +174,9 @@ class Driver:
         self.started_here = False
         self.gcs: tuple[str, int] | None = None
         self.actor_class: Any = None
+        self.wanted: dict[str, float] = {}  # one replica's resources, fixed at start
+        self.stepped_at = 0.0  # when the daemon last heard that replicas step on
+        self.stepped = False
 
     # -- start --------------------------------------------------------------------
 
@@ -190,6 +201,8 @@ class Driver:
             self.gcs = (host, int(port))
 
     def resources(self) -> dict[str, float]:
+        """One replica's resources: engine.ray.resources_per_replica, else a GPU per
+        tensor_parallel_size where the cluster has GPUs, else a CPU."""
         import ray
 
         wanted = self.settings["resources"]
@@ -210,7 +223,7 @@ class Driver:
     def start_replica(self) -> _Rep:
         import ray
 
-        res = self.resources()
+        res = self.wanted
         options: dict[str, Any] = {
             "num_cpus": res.get("CPU", 0),
             "num_gpus": res.get("GPU", 0),
@@ -232,7 +245,24 @@ class Driver:
     def start(self) -> None:
         import ray
 
-        count = self.replica_count(self.resources())
+        self.wanted = self.resources()
+        count = self.replica_count(self.wanted)
+        total = ray.cluster_resources()
+        fit = min(
+            (int(total.get(k, 0) // v) for k, v in self.wanted.items() if v > 0), default=count
+        )
+        if fit == 0:
+            have = ", ".join(f"{k}: {v:g}" for k, v in sorted(total.items()) if "node:" not in k)
+            why = (
+                f"engine.ray.resources_per_replica {self.wanted} is more than the whole "
+                f"cluster has ({have}): no replica can be placed"
+            )
+            self.send(("load_failed", why))
+            raise SystemExit(0)
+        if fit < count:
+            room = f"room for {fit} of engine.ray.replicas = {count} replicas of {self.wanted}"
+            print(f"spoold ray driver: the cluster has {room}; starting {fit}", file=sys.stderr)
+            count = fit
         for _ in range(count):
             self.start_replica()
         errors = []
@@ -299,9 +329,18 @@ class Driver:
                 elif msg[0] == "shutdown":
                     return
             self.dispatch()
+            if self.stepped and time.monotonic() - self.stepped_at >= STEPS_EVERY_S:
+                self.stepped, self.stepped_at = False, time.monotonic()
+                self.send(("steps",))
             refs = {r.take: r for r in self.reps.values() if r.take is not None}
             refs.update({r.ready: r for r in self.reps.values() if r.ready is not None})
             if not refs:
+                # No replica alive or starting: what waits here will not be answered.
+                if self.queue:
+                    keys = [key for key, _ in self.queue]
+                    self.queue.clear()
+                    self.send(("died", -1, keys, "no ray replica is alive or starting"))
+                self.conn.poll(0.5)
                 continue
             ready, _ = ray.wait(list(refs), num_returns=1, timeout=0.02 if busy else 0.1)
             for ref in ready:
@@ -343,7 +382,7 @@ class Driver:
         from ray.exceptions import ActorUnavailableError
 
         try:
-            out, failures, fatal = ray.get(ref)
+            out, failures, fatal, steps = ray.get(ref)
         except ActorUnavailableError as e:
             now = time.monotonic()
             rep.unavailable_since = rep.unavailable_since or now
@@ -358,6 +397,8 @@ class Driver:
             self._died(rep, _reason(e))
             return
         rep.unavailable_since = None
+        if steps != rep.steps:
+            rep.steps, self.stepped = steps, True
         if out:
             for key, _ in out:
                 rep.held.discard(key)
@@ -413,9 +454,9 @@ def _reason(e: BaseException) -> str:
     return f"{type(e).__name__}: {last}"[:1000]
 
 
-def _die_with_parent() -> None:
-    """SIGTERM when the daemon dies (Linux): then Ray is shut down here, not left."""
-    parent = os.getppid()
+def _die_with_parent(parent: int) -> None:
+    """SIGTERM when the daemon (pid `parent`) dies (Linux): then Ray is shut down here,
+    not left. The daemon starts this from its main thread, which lives as long as it."""
     with contextlib.suppress(Exception):
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
@@ -425,7 +466,7 @@ def _die_with_parent() -> None:
 
 def main() -> int:
     conn = Connection(int(sys.argv[1]))
-    _die_with_parent()
+    _die_with_parent(int(sys.argv[2]))
 
     def stop(signum: int, _frame: object) -> None:
         raise SystemExit(0)

@@ -111,7 +111,7 @@ class RayEngine(Engine):
         self.proc = subprocess.Popen(
             # Not `-m`: Ray would pickle the Replica class of a __main__ module by value,
             # and with it a copy of base.IDLE that `is` no longer recognises.
-            [sys.executable, "-c", _DRIVER_MAIN, str(theirs.fileno())],
+            [sys.executable, "-c", _DRIVER_MAIN, str(theirs.fileno()), str(os.getpid())],
             pass_fds=(theirs.fileno(),),
             process_group=0,
             stdin=subprocess.DEVNULL,
@@ -161,8 +161,12 @@ class RayEngine(Engine):
             msg: tuple[Any, ...] = self.conn.recv()
             return msg
         except (EOFError, OSError) as e:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(2)
             code = self.proc.poll()
             why = f"exit code {code}" if code is not None else type(e).__name__
+            if self.address is None:  # our own Ray went with it: not a cluster away
+                return ("gone", f"the ray driver process ended ({why})")
             return ("lost", f"the ray driver process ended ({why})")
 
     def _read(self) -> None:
@@ -174,7 +178,7 @@ class RayEngine(Engine):
             if msg[0] == "out":
                 self._completed(msg[1], msg[2])
             self._inbox.put(msg)
-            if msg[0] == "lost":
+            if msg[0] in ("lost", "gone"):
                 return
 
     def _next(self, timeout: float) -> tuple[Any, ...]:
@@ -242,6 +246,11 @@ class RayEngine(Engine):
                     room -= len(batch)
                     if exhausted:
                         break
+            if not self._window() and not self._starting() and len(inflight) > len(orphans):
+                # No replica left to answer (a replacement that could not start): what
+                # is in flight, also what the driver still queued, is handed back.
+                orphans = set(inflight)
+                fault = fault or EngineDied("no ray replica is alive and none is starting")
             if len(inflight) == len(orphans):  # nothing left to wait for
                 if fault is not None:
                     raise fault  # with only the orphans unanswered (design §10)
@@ -252,9 +261,9 @@ class RayEngine(Engine):
                 if self._window() > 0:
                     continue
             msg = self._next(1.0)
-            if self.on_step is not None:
-                self.on_step()
             kind = msg[0]
+            if self.on_step is not None and kind in ("out", "steps"):
+                self.on_step()  # the replicas made progress (systemd's watchdog)
             if kind == "out":
                 for key, payload in msg[3]:
                     req = inflight.pop(key, None)
@@ -276,6 +285,8 @@ class RayEngine(Engine):
                     fault = EngineDied(why) if kind == "died" else RuntimeError(why)
             elif kind == "lost":
                 raise ClusterUnavailable(self._lost(msg))
+            elif kind == "gone":
+                raise EngineDied(msg[1])
 
     def revive(self) -> bool:
         """After a replica died: the driver has started its replacement already (the
@@ -284,6 +295,13 @@ class RayEngine(Engine):
         if self._closed or self.proc.poll() is not None:
             return False
         return self._window() > 0 or self._starting()
+
+    def usable(self) -> bool:
+        return not self._closed and self.proc.poll() is None
+
+    def kill_now(self) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
 
     def describe(self) -> dict[str, Any]:
         return {
