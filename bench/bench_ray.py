@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import platform
-import random
 import statistics
 import subprocess
 import sys
@@ -29,6 +28,9 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+sys.path.insert(0, str(ROOT / "bench"))
+from bench_vllm_chunking import make_requests  # noqa: E402
 
 from tests.tinymodel import build, default_cache_dir  # noqa: E402
 
@@ -43,24 +45,6 @@ VARIANTS = {
         "ray": {"replicas": 2, "resources_per_replica": {"CPU": 1}},
     },
 }
-
-
-def requests(n: int) -> list[dict[str, object]]:
-    rng = random.Random(0)
-    return [
-        {
-            "custom_id": f"r{i}",
-            "method": "POST",
-            "url": "/v1/chat/completions",
-            "body": {
-                "model": "tiny",
-                "messages": [{"role": "user", "content": f"Tell me a story about {i}."}],
-                "max_tokens": rng.randint(4, 64),
-                "temperature": 0,
-            },
-        }
-        for i in range(n)
-    ]
 
 
 def run_once(
@@ -116,7 +100,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     model = build(default_cache_dir())
-    reqs = requests(args.requests)
+    reqs = make_requests(args.requests, max_tokens=64)
     results: dict[str, list[dict[str, float]]] = {name: [] for name in VARIANTS}
     for round_no in range(args.rounds):
         for name, variant in VARIANTS.items():

@@ -38,7 +38,7 @@ ENGINE_ARGS = {
 }
 
 
-def make_requests(n: int, seed: int = 0) -> list[dict[str, object]]:
+def make_requests(n: int, seed: int = 0, max_tokens: int = 256) -> list[dict[str, object]]:
     rng = random.Random(seed)
     return [
         {
@@ -48,7 +48,7 @@ def make_requests(n: int, seed: int = 0) -> list[dict[str, object]]:
             "body": {
                 "model": "tiny",
                 "messages": [{"role": "user", "content": f"Tell me a story about {i}."}],
-                "max_tokens": rng.randint(4, 256),
+                "max_tokens": rng.randint(4, max_tokens),
                 "temperature": 0,
             },
         }

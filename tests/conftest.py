@@ -1,10 +1,20 @@
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from tests.faultshim import faketime as faketime
 from tests.faultshim import faultshim as faultshim
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> Path:
+    """The tiny Llama of tests/tinymodel.py (built once, cached outside the repository):
+    the real-engine tests' model (test_vllm, test_ray)."""
+    from tests import tinymodel
+
+    return tinymodel.build(tinymodel.default_cache_dir())
 
 
 @pytest.fixture(autouse=True)

@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -144,3 +145,36 @@ def test_config_from_environment_variable(tmp_path: Path) -> None:
     )
     assert proc.returncode == 2
     assert str(cfg) in proc.stderr and "limits.max_queue_depth" in proc.stderr
+
+
+def test_the_ray_backends_keys_are_checked_at_load_naming_each(tmp_path: Path) -> None:
+    from spoold.engines.rayengine import cluster_endpoint
+
+    ok = parse_config(
+        {"engine": {"backend": "ray", "model": "m", "enforce_eager": True,
+                    "ray": {"address": "head:6379", "replicas": 4,
+                            "resources_per_replica": {"GPU": 1, "CPU": 8}}}}
+    )  # fmt: skip
+    assert ok.engine.ray.replicas == 4 and ok.engine.ray.resources_per_replica == {
+        "GPU": 1.0,
+        "CPU": 8.0,
+    }
+    assert ok.engine.extra_args == {"enforce_eager": True}  # vLLM arguments, as for vllm
+    for ray, key in (
+        ({"replicas": 0}, "engine.ray.replicas"),
+        ({"resources_per_replica": {}}, "engine.ray.resources_per_replica"),
+        ({"resources_per_replica": {"GPU": -1}}, "engine.ray.resources_per_replica.GPU"),
+        ({"resources_per_replica": {"GPU": "one"}}, "engine.ray.resources_per_replica.GPU"),
+        ({"adress": "x:1"}, "engine.ray.adress"),
+    ):
+        with pytest.raises(ConfigError, match=re.escape(key)):
+            parse_config({"engine": {"backend": "ray", "model": "m", "ray": ray}})
+    with pytest.raises(
+        ConfigError, match=re.escape("engine.model: required with engine.backend: ray")
+    ):
+        parse_config({"engine": {"backend": "ray"}})
+    assert cluster_endpoint("ray://head:10001") == ("head", 10001)
+    assert cluster_endpoint("10.0.0.1:6379") == ("10.0.0.1", 6379)
+    assert cluster_endpoint("auto") is None
+    with pytest.raises(ConfigError, match=re.escape("engine.ray.address")):
+        cluster_endpoint("head")

@@ -24,7 +24,6 @@ from typing import Any
 
 import pytest
 
-from tests import tinymodel
 from tests.helpers import (
     SPOOLD,
     _env,
@@ -58,11 +57,6 @@ def in_process_engine() -> Iterator[None]:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         yield
-
-
-@pytest.fixture(scope="session")
-def tiny_model() -> Path:
-    return tinymodel.build(tinymodel.default_cache_dir())
 
 
 def engine_section(model: Path, backend: str, **ray: Any) -> dict[str, Any]:
@@ -161,6 +155,16 @@ def heartbeat(spool: Path) -> dict[str, Any]:
         return json.loads((spool / "heartbeats" / "default.json").read_text())
     except (OSError, ValueError):
         return {}
+
+
+def first_chunk(spool: Path, log: Path, timeout: float = 180) -> None:
+    """Until the running job has committed its first chunk (200 results)."""
+    wait_for(
+        "the first chunk",
+        lambda: (heartbeat(spool).get("current_job") or {}).get("completed", 0) >= 200,
+        timeout,
+        log,
+    )
 
 
 def wait_for(what: str, cond: Callable[[], Any], timeout: float, log: Path) -> Any:
@@ -303,12 +307,7 @@ def test_a_killed_replica_loses_nothing_and_sigterm_leaves_no_ray(
     with open(log, "wb") as f:
         daemon = start_spoold("run", "--config", str(cfg), log=f)
     try:
-
-        def progressing() -> bool:
-            job = heartbeat(spool).get("current_job") or {}
-            return job.get("completed", 0) >= 200
-
-        wait_for("the first chunk", progressing, 180, log)
+        first_chunk(spool, log)
         victims = replica_pids(daemon.pid)
         assert len(victims) == 2, victims
         os.kill(victims[0], signal.SIGKILL)
@@ -450,12 +449,7 @@ def test_a_lost_cluster_pauses_the_job_and_it_resumes_exactly_once(
     finally:
         del os.environ["RAY_AUTH_MODE"]
     try:
-        wait_for(
-            "the first chunk",
-            lambda: (heartbeat(spool).get("current_job") or {}).get("completed", 0) >= 200,
-            180,
-            log,
-        )
+        first_chunk(spool, log)
         head.kill()  # the whole cluster: GCS, raylet, the replicas
 
         def paused() -> str:
@@ -513,12 +507,7 @@ def test_no_replica_left_is_an_engine_that_cannot_be_reloaded_and_nothing_is_bla
     with open(log, "wb") as f:
         daemon = start_spoold("run", "--config", str(cfg), log=f)
     try:
-        wait_for(
-            "the first chunk",
-            lambda: (heartbeat(spool).get("current_job") or {}).get("completed", 0) >= 200,
-            180,
-            log,
-        )
+        first_chunk(spool, log)
         (victim,) = replica_pids(daemon.pid)
         model.rename(tmp_path / "model.away")
         os.kill(victim, signal.SIGKILL)

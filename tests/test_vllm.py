@@ -38,7 +38,6 @@ from typing import Any
 
 import pytest
 
-from tests import tinymodel
 from tests.helpers import (
     SPOOLD,
     _env,
@@ -110,11 +109,6 @@ def vllm_env() -> Iterator[None]:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         yield
-
-
-@pytest.fixture(scope="session")
-def tiny_model() -> Path:
-    return tinymodel.build(tinymodel.default_cache_dir())
 
 
 @pytest.fixture(scope="session")
