@@ -922,7 +922,7 @@ class Daemon:
             except ModelLoadError:
                 return  # remembered by _engine_for; the job waits for the next try
             except ClusterUnavailable as e:
-                if self.engine is not None:  # lost mid-run (a load's was seen there)
+                if self.engine is not None:  # lost mid-run (_engine_for saw a failed load)
                     self._cluster_lost(e)
                 return  # the job waits, its attempt given back (design §10)
             except Exception as e:

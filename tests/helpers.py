@@ -163,13 +163,32 @@ def beating(path: Path, record: dict[str, Any], period_s: float = 0.1) -> Iterat
 
 
 def wait_for(
-    predicate: Callable[[], Any], timeout: float = 30, what: str = "condition", poll: float = 0.05
+    predicate: Callable[[], Any],
+    timeout: float = 30,
+    what: str = "condition",
+    poll: float = 0.05,
+    detail: Callable[[], str] | None = None,
 ) -> Any:
-    """Until `predicate()` is truthy (returns it); fails after `timeout` seconds."""
+    """Until `predicate()` is truthy (returns it); fails after `timeout` seconds, with
+    `detail()` (a log's tail) in the message."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
         if value:
             return value
         time.sleep(poll)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+    more = f"\n{detail()}" if detail is not None else ""
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}{more}")
+
+
+def log_events(text: str) -> list[dict[str, Any]]:
+    """spoold's JSON log lines in `text` (other lines, vLLM's or Ray's, skipped)."""
+    events = []
+    for line in text.splitlines():
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(event, dict) and "event" in event:
+            events.append(event)
+    return events

@@ -30,11 +30,13 @@ from tests.helpers import (
     assert_exactly_once,
     chat,
     completion,
+    log_events,
     make_config,
     only_job,
     read_results,
     start_spoold,
     state,
+    wait_for,
     write_jsonl,
 )
 
@@ -160,21 +162,11 @@ def heartbeat(spool: Path) -> dict[str, Any]:
 def first_chunk(spool: Path, log: Path, timeout: float = 180) -> None:
     """Until the running job has committed its first chunk (200 results)."""
     wait_for(
-        "the first chunk",
         lambda: (heartbeat(spool).get("current_job") or {}).get("completed", 0) >= 200,
         timeout,
-        log,
+        "the first chunk",
+        detail=lambda: _tail(log),
     )
-
-
-def wait_for(what: str, cond: Callable[[], Any], timeout: float, log: Path) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}; log tail:\n{_tail(log)}")
 
 
 def _tail(log: Path, n: int = 40) -> str:
@@ -185,13 +177,20 @@ def _tail(log: Path, n: int = 40) -> str:
 
 
 def events(log: Path) -> list[dict[str, Any]]:
-    out = []
-    for line in log.read_text(errors="replace").splitlines():
-        with contextlib.suppress(ValueError):
-            record = json.loads(line)
-            if isinstance(record, dict) and "event" in record:
-                out.append(record)
-    return out
+    return log_events(log.read_text(errors="replace"))
+
+
+@contextlib.contextmanager
+def running(cfg: Path, log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """`spoold run` (live) with its output in `log`, killed on the way out if still there."""
+    with open(log, "wb") as f:
+        daemon = start_spoold("run", "--config", str(cfg), log=f)
+    try:
+        yield daemon
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait()
 
 
 def drain_to(config_path: Path, log: Path, timeout: float = 300) -> int:
@@ -304,9 +303,7 @@ def test_a_killed_replica_loses_nothing_and_sigterm_leaves_no_ray(
     first = greedy_requests(3000, max_tokens=32)
     write_jsonl(spool / "incoming" / "first.jsonl", first)
     log = tmp_path / "spoold.log"
-    with open(log, "wb") as f:
-        daemon = start_spoold("run", "--config", str(cfg), log=f)
-    try:
+    with running(cfg, log) as daemon:
         first_chunk(spool, log)
         victims = replica_pids(daemon.pid)
         assert len(victims) == 2, victims
@@ -316,7 +313,7 @@ def test_a_killed_replica_loses_nothing_and_sigterm_leaves_no_ray(
             d = spool / "done"
             return [p for p in d.iterdir() if p.name.startswith("first")] if d.is_dir() else []
 
-        job = wait_for("the first job to complete", done, 240, log)[0]
+        job = wait_for(done, 240, "the first job to complete", detail=lambda: _tail(log))[0]
         assert_exactly_once(job, [r["custom_id"] for r in first])
         st = state(job)
         assert st["status"] == "completed"
@@ -330,7 +327,7 @@ def test_a_killed_replica_loses_nothing_and_sigterm_leaves_no_ray(
             alive = [r for r in listed if r["alive"]]
             return listed if len(alive) == 2 and len(listed) == 3 else []
 
-        listed = wait_for("a replacement replica", replaced, 120, log)
+        listed = wait_for(replaced, 120, "a replacement replica", detail=lambda: _tail(log))
         assert {r["id"] for r in listed if not r["alive"]} == {died[0]["replica"]}
         assert 2 in {r["id"] for r in listed if r["alive"]}
 
@@ -343,13 +340,9 @@ def test_a_killed_replica_loses_nothing_and_sigterm_leaves_no_ray(
             job = heartbeat(spool).get("current_job") or {}
             return job.get("id", "").startswith("second") and job.get("completed", 0) >= 200
 
-        wait_for("the second job to run", second_running, 120, log)
+        wait_for(second_running, 120, "the second job to run", detail=lambda: _tail(log))
         daemon.send_signal(signal.SIGTERM)
         assert daemon.wait(60) == 0, _tail(log)
-    finally:
-        if daemon.poll() is None:
-            daemon.kill()
-            daemon.wait()
     assert heartbeat(spool)["status"] == "stopped"
     no_ray_left()
     paused = only_job(spool, "processing")
@@ -424,7 +417,10 @@ class Head:
 
 
 def test_a_lost_cluster_pauses_the_job_and_it_resumes_exactly_once(
-    tmp_path: Path, tiny_model: Path, no_ray_left: Callable[[], None]
+    tmp_path: Path,
+    tiny_model: Path,
+    no_ray_left: Callable[[], None],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     port = _free_port()
     head = Head(port, tmp_path / "head.log")
@@ -441,14 +437,10 @@ def test_a_lost_cluster_pauses_the_job_and_it_resumes_exactly_once(
     write_jsonl(spool / "incoming" / "far.jsonl", reqs)
     log = tmp_path / "spoold.log"
     # Ray 2.60 clusters use token authentication; with an explicit address a driver
-    # sends the token only when told to (README "Ray").
-    os.environ["RAY_AUTH_MODE"] = "token"
-    try:
-        with open(log, "wb") as f:
-            daemon = start_spoold("run", "--config", str(cfg), log=f)
-    finally:
-        del os.environ["RAY_AUTH_MODE"]
-    try:
+    # sends the token only when told to (README "Engines").
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    with running(cfg, log) as daemon, contextlib.ExitStack() as cleanup:
+        cleanup.callback(head.kill)
         first_chunk(spool, log)
         head.kill()  # the whole cluster: GCS, raylet, the replicas
 
@@ -456,7 +448,9 @@ def test_a_lost_cluster_pauses_the_job_and_it_resumes_exactly_once(
             problems = heartbeat(spool).get("problems") or []
             return next((p for p in problems if "engine.ray.address" in p), "")
 
-        problem = wait_for("the pause to show in the heartbeat", paused, 120, log)
+        problem = wait_for(
+            paused, 120, "the pause to show in the heartbeat", detail=lambda: _tail(log)
+        )
         assert f"127.0.0.1:{port}" in problem and "jobs wait" in problem
         job = only_job(spool, "processing")
         assert state(job)["status"] in ("queued", "running")
@@ -464,19 +458,14 @@ def test_a_lost_cluster_pauses_the_job_and_it_resumes_exactly_once(
         time.sleep(3)  # a try or two against nothing
         head.start()
         found = wait_for(
-            "the job to complete",
             lambda: list((spool / "done").iterdir()) if (spool / "done").is_dir() else [],
             300,
-            log,
+            "the job to complete",
+            detail=lambda: _tail(log),
         )
-        assert wait_for("the problem to clear", lambda: not paused(), 30, log)
+        assert wait_for(lambda: not paused(), 30, "the problem to clear", detail=lambda: _tail(log))
         daemon.send_signal(signal.SIGTERM)
         assert daemon.wait(60) == 0
-    finally:
-        if daemon.poll() is None:
-            daemon.kill()
-            daemon.wait()
-        head.kill()
     done = found[0]
     assert_exactly_once(done, [r["custom_id"] for r in reqs])
     st = state(done)
@@ -504,18 +493,12 @@ def test_no_replica_left_is_an_engine_that_cannot_be_reloaded_and_nothing_is_bla
     reqs = greedy_requests(3000, max_tokens=32)
     write_jsonl(spool / "incoming" / "lone.jsonl", reqs)
     log = tmp_path / "spoold.log"
-    with open(log, "wb") as f:
-        daemon = start_spoold("run", "--config", str(cfg), log=f)
-    try:
+    with running(cfg, log) as daemon:
         first_chunk(spool, log)
         (victim,) = replica_pids(daemon.pid)
         model.rename(tmp_path / "model.away")
         os.kill(victim, signal.SIGKILL)
         assert daemon.wait(180) == 1, _tail(log)
-    finally:
-        if daemon.poll() is None:
-            daemon.kill()
-            daemon.wait()
     assert "cannot be reloaded" in heartbeat(spool)["reason"], heartbeat(spool)
     no_ray_left()
     job = only_job(spool, "processing")

@@ -39,6 +39,7 @@ from tests.helpers import (
     assert_exactly_once,
     chat,
     job_dirs,
+    log_events,
     make_config,
     read_results,
     run_spoold,
@@ -285,20 +286,8 @@ def _broken_snapshot(spool: Path) -> dict[str, bytes]:
     return {k: v for k, v in _snapshot(spool / "processing").items() if k.split("/")[0] in BROKEN}
 
 
-def _log_events(text: str) -> list[dict[str, Any]]:
-    events = []
-    for line in text.splitlines():
-        try:
-            event = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(event, dict):
-            events.append(event)
-    return events
-
-
 def _assert_reported_once_each(log_text: str) -> None:
-    said = Counter(e.get("job_id") for e in _log_events(log_text) if e["event"] == UNREADABLE_EVENT)
+    said = Counter(e.get("job_id") for e in log_events(log_text) if e["event"] == UNREADABLE_EVENT)
     assert said == Counter(dict.fromkeys(BROKEN, 1)), said
     assert "Traceback" not in log_text
 
@@ -385,7 +374,7 @@ def test_drain_goes_on_beside_jobs_whose_records_cannot_be_read(tmp_path: Path) 
     proc = run_spoold("run", "--config", str(cfg), "--drain")
     log_text = proc.stdout + proc.stderr
     assert proc.returncode == 1, log_text  # unreadable jobs were left
-    assert any(e["event"] == "spoold stopped" for e in _log_events(log_text)), log_text
+    assert any(e["event"] == "spoold stopped" for e in log_events(log_text)), log_text
     _assert_reported_once_each(log_text)
     done = {state(d)["source_name"]: d for d in job_dirs(spool, "done")}
     assert set(done) == {"queued.jsonl", "dropped.jsonl"}

@@ -46,6 +46,7 @@ from tests.helpers import (
     completion,
     drain,
     job_dirs,
+    log_events,
     make_config,
     only_job,
     read_results,
@@ -757,18 +758,6 @@ def test_a_mistyped_engine_argument_is_a_config_error_at_start(
 MISSING_MODEL = "/nonexistent/model"
 
 
-def _log_events(log: Path) -> list[dict[str, Any]]:
-    """spoold's JSON log lines (vLLM's own lines, not JSON, skipped)."""
-    events = []
-    for line in log.read_text(errors="replace").splitlines():
-        if line.startswith("{"):
-            try:
-                events.append(json.loads(line))
-            except ValueError:
-                continue
-    return events
-
-
 def _seconds(event: dict[str, Any]) -> float:
     from datetime import datetime
 
@@ -842,7 +831,7 @@ def test_an_unloadable_model_beside_a_good_one_under_drain(
     assert proc.returncode == 1, f"exit {proc.returncode}:\n{text[-3000:]}"
     _check_unloadable_outcome(spool, bad, good)
 
-    events = _log_events(log)
+    events = log_events(log.read_text(errors="replace"))
     loads = [e for e in events if e.get("event") == "cannot load model"]
     assert [e["model"] for e in loads] == [MISSING_MODEL] * 2, loads
     assert [e["attempt"] for e in loads] == [1, 2], loads
@@ -912,7 +901,11 @@ def test_an_unloadable_model_beside_a_good_one_under_a_live_daemon(
     assert degraded is not None, "never saw the heartbeat name the model while it retried"
     assert degraded.returncode == 1, degraded.stdout  # degraded
     assert MISSING_MODEL in degraded.stdout, degraded.stdout
-    loads = [e for e in _log_events(log) if e.get("event") == "cannot load model"]
+    loads = [
+        e
+        for e in log_events(log.read_text(errors="replace"))
+        if e.get("event") == "cannot load model"
+    ]
     assert [e["attempt"] for e in loads] == [1, 2], loads
     assert _seconds(loads[1]) - _seconds(loads[0]) >= 4 - 0.5, "no backoff between loads"
 
@@ -1004,7 +997,7 @@ def test_a_killed_engine_core_is_reloaded_and_its_requests_rerun(
     text = log.read_text(errors="replace")
     assert rc == 0, f"spoold exited {rc} after the engine core was killed:\n{text[-4000:]}"
 
-    events = _log_events(log)
+    events = log_events(log.read_text(errors="replace"))
     died = [e for e in events if e.get("event") == "the engine died with requests in flight; "
             "reloading it"]  # fmt: skip
     assert len(died) == 1, text[-4000:]

@@ -81,11 +81,7 @@ class Replica:
     def info(self) -> dict[str, Any]:
         import ray
 
-        return {
-            "node": ray.util.get_node_ip_address(),
-            "pid": os.getpid(),
-            "window": self.engine.window,
-        }
+        return {"node": ray.util.get_node_ip_address(), "window": self.engine.window}
 
     def _stepped(self) -> None:
         self.steps += 1
@@ -152,7 +148,6 @@ class _Rep:
     actor: Any
     ready: Any = None  # the info() call while it starts
     node: str = ""
-    pid: int = 0
     window: int = 0
     alive: bool = False
     completed: int = 0
@@ -171,7 +166,6 @@ class Driver:
         self.reps: dict[int, _Rep] = {}
         self.next_id = 0
         self.queue: collections.deque[tuple[int, Request]] = collections.deque()
-        self.started_here = False
         self.gcs: tuple[str, int] | None = None
         self.actor_class: Any = None
         self.wanted: dict[str, float] = {}  # one replica's resources, fixed at start
@@ -195,28 +189,24 @@ class Driver:
             configure_logging=False,
             runtime_env={"env_vars": env} if env else None,
         )
-        self.started_here = address is None
         with contextlib.suppress(Exception):  # not with ray:// (Ray Client)
             host, _, port = ray.get_runtime_context().gcs_address.rpartition(":")
             self.gcs = (host, int(port))
 
-    def resources(self) -> dict[str, float]:
+    def resources(self, total: dict[str, float]) -> dict[str, float]:
         """One replica's resources: engine.ray.resources_per_replica, else a GPU per
-        tensor_parallel_size where the cluster has GPUs, else a CPU."""
-        import ray
-
+        tensor_parallel_size where the cluster (its `total` resources) has GPUs, else a
+        CPU."""
         wanted = self.settings["resources"]
         if wanted is not None:
             return dict(wanted)
-        gpus = ray.cluster_resources().get("GPU", 0)
+        gpus = total.get("GPU", 0)
         return {"GPU": float(self.engine_cfg.tensor_parallel_size)} if gpus else {"CPU": 1.0}
 
-    def replica_count(self, resources: dict[str, float]) -> int:
-        import ray
-
+    def replica_count(self, resources: dict[str, float], total: dict[str, float]) -> int:
         if self.settings["replicas"] is not None:
             return int(self.settings["replicas"])
-        gpus = ray.cluster_resources().get("GPU", 0)
+        gpus = total.get("GPU", 0)
         per = resources.get("GPU") or 1
         return max(1, int(gpus // per))
 
@@ -245,9 +235,9 @@ class Driver:
     def start(self) -> None:
         import ray
 
-        self.wanted = self.resources()
-        count = self.replica_count(self.wanted)
         total = ray.cluster_resources()
+        self.wanted = self.resources(total)
+        count = self.replica_count(self.wanted, total)
         fit = min(
             (int(total.get(k, 0) // v) for k, v in self.wanted.items() if v > 0), default=count
         )
@@ -281,7 +271,7 @@ class Driver:
 
     def _ready(self, rep: _Rep, info: dict[str, Any]) -> None:
         rep.ready = None
-        rep.node, rep.pid, rep.window = info["node"], info["pid"], info["window"]
+        rep.node, rep.window = info["node"], info["window"]
         rep.alive = True
         rep.take = rep.actor.take.remote(TAKE_WAIT_S)
 
@@ -351,7 +341,8 @@ class Driver:
                     self._took(rep, ref)
 
     def dispatch(self) -> None:
-        """Hand the queue to the live replicas, the least loaded first, within windows."""
+        """Hand the queue to the live replicas, each request to the one with the most
+        room left in its window (the daemon keeps the total within the windows)."""
         live = [r for r in self.reps.values() if r.alive]
         if not live or not self.queue:
             return

@@ -100,7 +100,6 @@ class RayEngine(Engine):
 
     def __init__(self, cfg: EngineConfig, model: str) -> None:
         self.model = model
-        self.cfg = cfg
         self.address = cfg.ray.address
         self._keys = itertools.count()
         self._lock = threading.Lock()  # replicas, read by the heartbeat's thread
@@ -134,11 +133,11 @@ class RayEngine(Engine):
         )
         try:
             self.conn.send(("start", settings))
-            msg = self._recv(None)
+            msg = self._recv()
             if msg[0] == "load_failed":
                 raise ModelLoadError(f"the ray replicas could not load {model!r}: {msg[1]}")
             if msg[0] != "ready":
-                raise ClusterUnavailable(self._lost(msg))
+                raise ClusterUnavailable(self._lost(msg[1]))
         except BaseException:
             self.close()
             raise
@@ -152,12 +151,9 @@ class RayEngine(Engine):
 
     # -- the driver ---------------------------------------------------------------
 
-    def _recv(self, timeout: float | None) -> tuple[Any, ...]:
-        """The driver's next message; ("timeout",) after `timeout` seconds; ("lost", …)
-        when the driver is gone."""
+    def _recv(self) -> tuple[Any, ...]:
+        """The driver's next message; ("lost", …) or ("gone", …) when it is gone."""
         try:
-            if timeout is not None and not self.conn.poll(timeout):
-                return ("timeout",)
             msg: tuple[Any, ...] = self.conn.recv()
             return msg
         except (EOFError, OSError) as e:
@@ -171,7 +167,7 @@ class RayEngine(Engine):
 
     def _read(self) -> None:
         while True:
-            msg = self._recv(None)
+            msg = self._recv()
             if msg[0] == "replicas":
                 self._set_replicas(msg[1])
                 continue
@@ -192,11 +188,10 @@ class RayEngine(Engine):
         try:
             self.conn.send(msg)
         except OSError as e:
-            raise ClusterUnavailable(self._lost(("lost", f"the ray driver is gone: {e}"))) from e
+            raise ClusterUnavailable(self._lost(f"the ray driver is gone: {e}")) from e
 
-    def _lost(self, msg: tuple[Any, ...]) -> str:
+    def _lost(self, why: str) -> str:
         where = self.address or "a local Ray"
-        why = msg[1] if len(msg) > 1 else str(msg)
         return f"the Ray cluster (engine.ray.address: {where}) is unavailable: {why}"
 
     def _set_replicas(self, replicas: list[dict[str, Any]]) -> None:
@@ -246,19 +241,20 @@ class RayEngine(Engine):
                     room -= len(batch)
                     if exhausted:
                         break
-            if not self._window() and not self._starting() and len(inflight) > len(orphans):
+            window = self._window()
+            no_replica = not window and not self._starting()
+            if no_replica and len(inflight) > len(orphans):
                 # No replica left to answer (a replacement that could not start): what
                 # is in flight, also what the driver still queued, is handed back.
                 orphans = set(inflight)
-                fault = fault or EngineDied("no ray replica is alive and none is starting")
             if len(inflight) == len(orphans):  # nothing left to wait for
                 if fault is not None:
                     raise fault  # with only the orphans unanswered (design §10)
-                if exhausted:
+                if exhausted and not inflight:
                     return
-                if self._window() == 0 and not self._starting():
+                if no_replica:
                     raise EngineDied("no ray replica is alive and none is starting")
-                if self._window() > 0:
+                if window > 0:
                     continue
             msg = self._next(1.0)
             kind = msg[0]
@@ -284,7 +280,7 @@ class RayEngine(Engine):
                 if mine and fault is None:
                     fault = EngineDied(why) if kind == "died" else RuntimeError(why)
             elif kind == "lost":
-                raise ClusterUnavailable(self._lost(msg))
+                raise ClusterUnavailable(self._lost(msg[1]))
             elif kind == "gone":
                 raise EngineDied(msg[1])
 
