@@ -195,6 +195,28 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     return show_jobs(config_for(args.config, args.spool).spool_dir, args.state, args.json)
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from spoold.logs import setup_logging
+
+    cfg = _load(args)
+    if args.host:
+        cfg.api.host = args.host
+    if args.port is not None:
+        parse_config({"api": {"port": args.port}}, "--port")  # same rules as the key
+        cfg.api.port = args.port
+    try:
+        from spoold.serve import serve
+    except ImportError as e:
+        print(
+            f"spoold serve: the HTTP API needs the api extra ({e.name} is not installed): "
+            "pip install 'spoold[api]'",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    setup_logging(cfg.logging.format, cfg.logging.level)
+    return serve(cfg)
+
+
 CONFIG_HELP = (
     "config file (default: $SPOOLD_CONFIG, else /etc/spoold/spoold.yaml; with --spool and "
     "no config file, the defaults apply)"
@@ -300,6 +322,19 @@ def main(argv: list[str] | None = None) -> int:
     jobs.add_argument("--state", choices=STATES, help="only the jobs in this state")
     jobs.add_argument("--json", action="store_true", help="one JSON object per line")
     jobs.set_defaults(func=cmd_jobs)
+
+    serve = _command(
+        sub,
+        "serve",
+        "the OpenAI-compatible Files and Batches API over the spool",
+        description="Serve OpenAI's Files and Batches API over the spool (point the openai "
+        "client's base_url at http://HOST:PORT/v1), with /v1/models and /health. Keys: "
+        "api.keys_file (TOKEN [OWNER] a line); without one it listens on loopback only. "
+        "Needs the api extra (pip install 'spoold[api]').",
+    )
+    serve.add_argument("--host", help="address to listen on (overrides api.host)")
+    serve.add_argument("--port", type=int, help="port to listen on (overrides api.port)")
+    serve.set_defaults(func=cmd_serve)
 
     args = parser.parse_args(argv)
     try:

@@ -124,6 +124,15 @@ class LoggingConfig:
 
 
 @dataclass
+class ApiConfig:
+    """`spoold serve` (SPEC §10)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    keys_file: Path | None = None
+
+
+@dataclass
 class Config:
     spool_dir: Path = Path("/var/spool/spoold")
     instance: str = "default"
@@ -135,6 +144,7 @@ class Config:
     gpu: GpuConfig = field(default_factory=GpuConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    api: ApiConfig = field(default_factory=ApiConfig)
 
     @property
     def heartbeat_path(self) -> Path:
@@ -289,6 +299,8 @@ def _check_relations(cfg: Config) -> None:
                 )
     if cfg.engine.fake.delay_per_request_s < 0:
         raise ConfigError("engine.fake.delay_per_request_s: must not be negative")
+    if not 0 < cfg.api.port < 65536:
+        raise ConfigError(f"api.port: must be a TCP port (1 to 65535), got {cfg.api.port}")
     if cfg.watch.settle_seconds < 0:
         raise ConfigError("watch.settle_seconds: must not be negative")
     safe = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")

@@ -2,6 +2,7 @@
 
 import contextlib
 import os
+import re
 from pathlib import Path
 
 INCOMING, PROCESSING, DONE, FAILED, HEARTBEATS = (
@@ -16,6 +17,16 @@ IN_PROGRESS_SUFFIXES = (".tmp", ".part", ".partial", ".filepart")
 JOB_SUFFIX = ".jsonl"
 # A job `spoold retry` is putting back in the queue (design §6a).
 RETRY_PREFIX = ".retry-"
+# `spoold serve`'s own (design §11): uploaded files, and the records of batches.
+FILES, BATCHES = "files", "batches"
+# The name `spoold serve` gives a batch's input in incoming/: its job id is the batch id.
+API_BATCH_RE = re.compile(r"batch_[0-9a-f]{32}")
+
+
+def api_batch_id(name: str) -> str | None:
+    """The batch id an incoming/ file name reserves as its job id (design §11), or None."""
+    stem = name[: -len(JOB_SUFFIX)] if name.endswith(JOB_SUFFIX) else None
+    return stem if stem is not None and API_BATCH_RE.fullmatch(stem) else None
 
 
 def is_upload_in_progress(name: str) -> bool:

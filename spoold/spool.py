@@ -45,6 +45,8 @@ from spoold.layout import (
     INCOMING,
     JOB_SUFFIX,
     PROCESSING,
+    api_batch_id,
+    find_job_dir,
     is_upload_in_progress,
     job_dir_entries,
 )
@@ -256,14 +258,14 @@ class Spool:
 
     def claim(self, entry: Entry, total: int, file_bytes: int) -> str | None:
         """Move an admitted file into processing/<job_id>/ (design §1). None if we lost."""
-        state = JobState(id=new_job_id(entry.name), source_name=entry.name, file_bytes=file_bytes)
+        state = JobState(id=self._new_id(entry.name), source_name=entry.name, file_bytes=file_bytes)
         state.request_counts.total = state.requests_in_file = total
         state.input_size, state.input_mtime_ns = entry.fingerprint  # frozen (design §5c)
         return self._stage(self.processing, CLAIM_PREFIX, entry, INPUT, state)
 
     def reject(self, entry: Entry, reason: str, total: int | None = None) -> str | None:
         """Move an entry that will never run to failed/<job_id>/ with the reason."""
-        state = JobState(id=new_job_id(entry.name), source_name=entry.name, status=FAILED)
+        state = JobState(id=self._new_id(entry.name), source_name=entry.name, status=FAILED)
         state.error = reason
         state.file_bytes = entry.size if entry.regular else 0
         state.requests_in_file = total or 0
@@ -272,6 +274,18 @@ class Spool:
         if target != INPUT and target in _JOB_FILES:  # e.g. a stray "state.json" dropped
             target = f"rejected-{target}"
         return self._stage(self.failed, REJECT_PREFIX, entry, target, state)
+
+    def _new_id(self, name: str) -> str:
+        """A new job's id: the batch id an API batch's input name reserves, unless a job
+        (or a claim or reject on its way) already has it; else `new_job_id`."""
+        reserved = api_batch_id(name)
+        if reserved is None or find_job_dir(self.root, reserved) is not None:
+            return new_job_id(name)
+        for base in (self.processing, self.failed):
+            with contextlib.suppress(FileNotFoundError), os.scandir(base) as it:
+                if any(e.name.startswith(".") and e.name.endswith(f"+{reserved}") for e in it):
+                    return new_job_id(name)
+        return reserved
 
     def _stage(
         self, base: Path, prefix: str, entry: Entry, target: str, state: JobState
