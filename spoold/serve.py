@@ -203,7 +203,8 @@ class _FormReader:
 async def _drain(request: Request) -> None:
     """Read and drop the rest of a refused body, so that the client reads the answer
     rather than a reset connection."""
-    with contextlib.suppress(ClientDisconnect):
+    # RuntimeError: the body was read to its end already.
+    with contextlib.suppress(ClientDisconnect, RuntimeError):
         async for _ in request.stream():
             pass
 
