@@ -459,3 +459,18 @@ def test_a_batch_record_without_input_is_not_a_batch_b1(tmp_path: Path) -> None:
     Store(spool, 1 << 20).sweep(now=time.time() + ORPHAN_AFTER_S + 60)
     assert not records[0].exists()
     assert (spool / "files" / file_id / "content").exists()  # the upload is untouched
+
+
+def test_no_keys_means_loopback_only_and_a_broken_keys_file_stops_the_start(
+    tmp_path: Path,
+) -> None:
+    config = make_config(tmp_path)
+    exposed = run_spoold("serve", "--config", str(config), "--host", "0.0.0.0", timeout=60)
+    assert exposed.returncode == 2 and "api.keys_file" in exposed.stderr, exposed.stderr
+    (tmp_path / "keys").write_text("tok-1 alice\ntok-2 bob extra words\n")
+    keyed = make_config(tmp_path, api={"keys_file": str(tmp_path / "keys")})
+    broken = run_spoold("serve", "--config", str(keyed), timeout=60)
+    assert broken.returncode == 2 and "line 2" in broken.stderr, broken.stderr
+    missing = make_config(tmp_path, api={"keys_file": str(tmp_path / "nope")})
+    gone = run_spoold("serve", "--config", str(missing), timeout=60)
+    assert gone.returncode == 2 and "api.keys_file" in gone.stderr, gone.stderr
