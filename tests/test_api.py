@@ -474,3 +474,43 @@ def test_no_keys_means_loopback_only_and_a_broken_keys_file_stops_the_start(
     missing = make_config(tmp_path, api={"keys_file": str(tmp_path / "nope")})
     gone = run_spoold("serve", "--config", str(missing), timeout=60)
     assert gone.returncode == 2 and "api.keys_file" in gone.stderr, gone.stderr
+
+
+def test_two_servers_on_one_spool_answer_alike(api: Api, tmp_path: Path) -> None:
+    """No state but the spool: a batch made through one server is retrieved, listed and
+    cancelled through another, started later on another port."""
+    port = _free_port()
+    with _serving(api.config, port, tmp_path / "second.log"):
+        first, second = (
+            api.client("tok-alice"),
+            openai.OpenAI(
+                base_url=f"http://127.0.0.1:{port}/v1", api_key="tok-alice", max_retries=0
+            ),
+        )
+        path = write_jsonl(tmp_path / "shared.jsonl", _requests(1500, "s"))
+        batch = first.batches.create(
+            input_file_id=_upload(first, path),
+            endpoint="/v1/chat/completions",
+            completion_window="24h",
+        )
+        assert second.batches.retrieve(batch.id).id == batch.id
+        assert batch.id in {b.id for b in second.batches.list(limit=100)}
+        second.batches.cancel(batch.id)
+        assert _poll(first, batch.id)[-1] == "cancelled"
+
+
+def test_the_daemon_and_spool_status_never_import_the_http_stack(tmp_path: Path) -> None:
+    cfg = make_config(tmp_path)
+    code = (
+        "import sys\n"
+        "from spoold.cli import main\n"
+        f"main(['run', '--config', {str(cfg)!r}, '--drain'])\n"
+        "import spoold.status as s\n"
+        f"s.main(['--config', {str(cfg)!r}])\n"
+        "web = ('starlette', 'uvicorn', 'python_multipart', 'multipart', 'openai', 'httpx')\n"
+        "print('WEB', [m for m in sys.modules if m.split('.')[0] in web])\n"
+    )
+    proc = subprocess.run(
+        [SPOOLD[0], "-c", code], capture_output=True, text=True, env=_env(), timeout=120
+    )
+    assert "WEB []" in proc.stdout, proc.stdout + proc.stderr
