@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import ipaddress
 import os
+import re
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -35,6 +36,7 @@ log = structlog.get_logger()
 SWEEP_INTERVAL_S = 2.0
 MAX_FIELD_BYTES = 4096  # a form field other than the file (purpose)
 READ_BLOCK = 1 << 20
+_SAFE = re.compile(r"[^A-Za-z0-9._-]")
 
 
 class Unauthorized(ApiError):
@@ -222,7 +224,8 @@ def _content_response(content: Content) -> StreamingResponse:
         media_type="application/octet-stream",
         headers={
             "content-length": str(content.length),
-            "content-disposition": f'attachment; filename="{content.filename}"',
+            # The name is the uploader's: only safe characters go into a header.
+            "content-disposition": f'attachment; filename="{_SAFE.sub("_", content.filename)}"',
         },
     )
 
