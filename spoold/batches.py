@@ -10,7 +10,6 @@ tests call this directly.
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import secrets
 import shutil
@@ -396,11 +395,14 @@ class Store:
 
     def _look(self, batch_id: str) -> Found | None:
         api = API_BATCH_RE.fullmatch(batch_id) is not None
-        if api:
+        # A job first, then its file waiting: a file of the same name dropped again by
+        # hand must not make a finished batch look new (a move between the two looks is
+        # caught by locate's second look).
+        job_dir = find_job_dir(self.spool, batch_id)
+        if job_dir is None and api:
             waiting = self.spool / INCOMING / f"{batch_id}{JOB_SUFFIX}"
             if os.path.lexists(waiting):
                 return Found("incoming", waiting, None)
-        job_dir = find_job_dir(self.spool, batch_id)
         if job_dir is not None:
             state = _read_record(job_dir / STATE)
             parent = job_dir.parent.name
@@ -584,21 +586,18 @@ class Store:
         return self.get_batch(batch_id, owner)
 
     def _enqueue(self, content: Path, name: str) -> None:
-        """Step 3: the input enters incoming/ whole, by a hard link (else a copy)."""
+        """Step 3: the input enters incoming/ whole: a copy in a dot-named temp, fsync,
+        then `fsio.publish`. Never a hard link of the upload: a link, unlink or rename of
+        any name of an inode changes its ctime, which the daemon reads as an input changed
+        under a running job (design §5c) — a delete of the upload, or a second batch made
+        from it, would restart the first from scratch."""
         incoming = self.spool / INCOMING
+        with open(content, "rb") as f:
+            tmp = fsio.write_temp(incoming, name, iter(lambda: f.read(WRITE_BLOCK), b""))
         try:
-            os.link(content, incoming / name)
-        except OSError as e:
-            if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
-                raise
-            with open(content, "rb") as f:
-                tmp = fsio.write_temp(incoming, name, iter(lambda: f.read(WRITE_BLOCK), b""))
-            try:
-                fsio.publish(tmp, incoming / name)
-            finally:
-                tmp.unlink(missing_ok=True)
-            return
-        fsio.fsync_dir(incoming)
+            fsio.publish(tmp, incoming / name)
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def _dirs_key(self) -> tuple[tuple[int, int], ...] | None:
         """The directories a listing reads, as (inode, mtime): unchanged since the last
@@ -742,8 +741,8 @@ class Store:
         if found.where == PROCESSING:
             with contextlib.suppress(FileNotFoundError):  # filed meanwhile
                 fsio.create_exclusive(found.path / CANCEL, b"")  # step 4
-        elif found.where in (DONE, FAILED, "withdrawn"):
-            fsio.remove(marker)
+        elif found.where in (DONE, FAILED):
+            fsio.remove(marker)  # a withdrawn batch keeps it: its cancelled_at
 
     # -- the sweep -------------------------------------------------------------------
 
@@ -751,19 +750,29 @@ class Store:
         """Carry cancels forward; remove what crashed uploads, deletes and creates left."""
         now = time.time() if now is None else now
         for entry in _dir_entries(self.batches):
-            name = entry.name
-            if name.endswith(CANCEL_SUFFIX):
-                self._carry_cancel(name[: -len(CANCEL_SUFFIX)])
-            elif name.endswith(RECORD_SUFFIX):
-                batch_id = name[: -len(RECORD_SUFFIX)]
-                record = self._record(batch_id)
-                created = (record or {}).get("created_at")
-                old = isinstance(created, int) and now - created > ORPHAN_AFTER_S
-                if old and self.locate(batch_id) is None:
-                    log.warning("batch record without input removed (B1)", job_id=batch_id)
-                    fsio.remove(Path(entry.path))
-                    with self._lock:
-                        self._records.pop(batch_id, None)
+            try:
+                self._sweep_batch(entry, now)
+            except OSError as e:  # one entry that cannot be handled stops no other
+                log.warning("sweep: cannot handle", path=entry.path, error=str(e))
+        self._sweep_files(now)
+
+    def _sweep_batch(self, entry: os.DirEntry[str], now: float) -> None:
+        name = entry.name
+        if name.endswith(CANCEL_SUFFIX):
+            self._carry_cancel(name[: -len(CANCEL_SUFFIX)])
+        elif name.endswith(RECORD_SUFFIX):
+            batch_id = name[: -len(RECORD_SUFFIX)]
+            record = self._record(batch_id)
+            created = (record or {}).get("created_at")
+            # The creating server's clock and the filesystem's: both must say it is old.
+            born = max(created if isinstance(created, int) else 0, _mtime(Path(entry.path)) or now)
+            if now - born > ORPHAN_AFTER_S and self.locate(batch_id) is None:
+                log.warning("batch record without input removed (B1)", job_id=batch_id)
+                fsio.remove(Path(entry.path))
+                with self._lock:
+                    self._records.pop(batch_id, None)
+
+    def _sweep_files(self, now: float) -> None:
         for entry in _dir_entries(self.spool / INCOMING):
             # A create's copy that a crash left (B2): dot-named, never a job.
             if entry.name.startswith(".batch_") and entry.name.endswith(fsio.TMP_SUFFIX):

@@ -40,6 +40,7 @@ from spoold.job import (
     utcnow,
 )
 from spoold.layout import (
+    BATCHES,
     DONE,
     HEARTBEATS,
     INCOMING,
@@ -276,15 +277,24 @@ class Spool:
         return self._stage(self.failed, REJECT_PREFIX, entry, target, state)
 
     def _new_id(self, name: str) -> str:
-        """A new job's id: the batch id an API batch's input name reserves, unless a job
-        (or a claim or reject on its way) already has it; else `new_job_id`."""
+        """A new job's id: the batch id an API batch's input name reserves (design §11),
+        unless a job has it, a batch of that id was withdrawn, or another file of that
+        name is past its claim's step 3 (a staging dir holding an input); else
+        `new_job_id`. A competing claim of this same file (a staging dir still empty)
+        keeps the id: only one of the two renames wins."""
         reserved = api_batch_id(name)
+        withdrawn = self.root / BATCHES / f"{reserved}.withdrawn.jsonl"
         if reserved is None or find_job_dir(self.root, reserved) is not None:
+            return new_job_id(name)
+        if withdrawn.exists():
             return new_job_id(name)
         for base in (self.processing, self.failed):
             with contextlib.suppress(FileNotFoundError), os.scandir(base) as it:
-                if any(e.name.startswith(".") and e.name.endswith(f"+{reserved}") for e in it):
-                    return new_job_id(name)
+                staged = [
+                    e.path for e in it if e.name.startswith(".") and e.name.endswith(f"+{reserved}")
+                ]
+            if any(os.path.lexists(os.path.join(path, INPUT)) for path in staged):
+                return new_job_id(name)
         return reserved
 
     def _stage(
