@@ -519,3 +519,42 @@ def test_the_daemon_and_spool_status_never_import_the_http_stack(tmp_path: Path)
         [SPOOLD[0], "-c", code], capture_output=True, text=True, env=_env(), timeout=120
     )
     assert "WEB []" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_deleting_the_upload_or_reusing_it_leaves_a_running_batch_alone(
+    api: Api, tmp_path: Path
+) -> None:
+    """Each batch's input is its own copy: a second batch made from the same upload, and
+    the upload deleted, while the first runs, change nothing of the first (a shared
+    inode's ctime would have made the daemon restart it from scratch)."""
+    client = api.client("tok-alice")
+    path = write_jsonl(tmp_path / "shared-upload.jsonl", _requests(800, "u"))
+    file_id = _upload(client, path)
+    first = client.batches.create(
+        input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    progress = [0]
+
+    def moved_on() -> bool:
+        counts = client.batches.retrieve(first.id).request_counts
+        assert counts is not None and counts.completed >= progress[-1], "progress went back"
+        progress.append(counts.completed)
+        return counts.completed > 0
+
+    wait_for(moved_on, what="the first batch to make progress")
+    second = client.batches.create(
+        input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    client.files.delete(file_id)
+    while client.batches.retrieve(first.id).status not in FINAL:
+        moved_on()
+        time.sleep(0.05)
+    for batch_id in (first.id, second.id):
+        assert _poll(client, batch_id)[-1] == "completed"
+        done = client.batches.retrieve(batch_id)
+        assert done.output_file_id is not None
+        lines = _lines(client.files.content(done.output_file_id).text)
+        assert sorted(str(r["custom_id"]) for r in lines) == sorted(f"u{i}" for i in range(800))
+    run_log = (api.spool.parent / "run.log").read_text()
+    restarts = [line for line in run_log.splitlines() if "input changed after the claim" in line]
+    assert restarts == [], restarts
