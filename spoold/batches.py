@@ -27,6 +27,7 @@ import structlog
 from spoold import fsio
 from spoold.heartbeat import parse_time
 from spoold.job import CANCEL, CANCELLED, COMPLETED, ERRORS, INPUT, OUTPUT, RUNNING, STATE
+from spoold.jobs import read_small_file
 from spoold.layout import (
     API_BATCH_RE,
     BATCHES,
@@ -98,22 +99,10 @@ def _ts(value: Any) -> int | None:
     return None if seconds is None else int(seconds)
 
 
-def _read_bytes(path: str | Path) -> bytes:
-    """A small file's bytes, unbuffered (never following a symlink)."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    try:
-        chunks = []
-        while chunk := os.read(fd, 1 << 16):
-            chunks.append(chunk)
-        return b"".join(chunks)
-    finally:
-        os.close(fd)
-
-
 def _read_record(path: str | Path) -> dict[str, Any] | None:
     """A JSON object from a file, or None when it is gone, unreadable or not an object."""
     try:
-        raw = orjson.loads(_read_bytes(path))
+        raw = orjson.loads(read_small_file(str(path)))
     except (OSError, orjson.JSONDecodeError):
         return None
     return raw if isinstance(raw, dict) else None

@@ -105,7 +105,7 @@ def _record(raw: Any) -> dict[str, Any] | str:
     return raw
 
 
-def _read_file(path: str) -> bytes:
+def read_small_file(path: str) -> bytes:
     """A small file's bytes, unbuffered (a third of the cost of open() on 10,000 files)."""
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     try:
@@ -120,7 +120,7 @@ def _read_file(path: str) -> bytes:
 def _read_job(where: str, entry: os.DirEntry[str]) -> Listed | str | None:
     """A job directory's line; why its record cannot be read; None if it moved on."""
     try:
-        raw: Any = orjson.loads(_read_file(os.path.join(entry.path, STATE)))
+        raw: Any = orjson.loads(read_small_file(os.path.join(entry.path, STATE)))
     except FileNotFoundError:
         if not os.path.isdir(entry.path):
             return None  # moved (finished, retried) since the directory was listed
