@@ -572,7 +572,10 @@ class Store:
         with self._lock:
             self._records[batch_id] = record
         log.info("batch created", job_id=batch_id, input_file_id=input_file_id, owner=owner)
-        return self.get_batch(batch_id, owner)
+        # Answered from what was just written, not looked up again: a daemon may be
+        # claiming it this instant, and a batch just made is `validating` whatever it does.
+        waiting = self.spool / INCOMING / f"{batch_id}{JOB_SUFFIX}"
+        return self.batch_object(batch_id, Found("incoming", waiting, None))
 
     def _enqueue(self, content: Path, name: str) -> None:
         """Step 3: the input enters incoming/ whole: a copy in a dot-named temp, fsync,
