@@ -36,6 +36,7 @@ log = structlog.get_logger()
 SWEEP_INTERVAL_S = 2.0
 MAX_FIELD_BYTES = 4096  # a form field other than the file (purpose)
 READ_BLOCK = 1 << 20
+Endpoint = Callable[[Request], Awaitable[Response]]
 _SAFE = re.compile(r"[^A-Za-z0-9._-]")
 
 
@@ -262,6 +263,15 @@ def create_app(cfg: Config) -> Starlette:
     async def owner_of(request: Request) -> str | None:
         return keys.owner(request)
 
+    def by_id(call: Callable[[str, str | None], dict[str, Any]], param: str) -> Endpoint:
+        """An endpoint that answers `call(<path param>, <the key's owner>)` as JSON."""
+
+        async def endpoint(request: Request) -> Response:
+            owner = await owner_of(request)
+            return JSONResponse(await run_in_threadpool(call, request.path_params[param], owner))
+
+        return endpoint
+
     async def health(request: Request) -> Response:
         from spoold.status import DOWN, build_report
 
@@ -353,16 +363,6 @@ def create_app(cfg: Config) -> Starlette:
         )
         return JSONResponse(_listing(data, more))
 
-    async def get_file(request: Request) -> Response:
-        owner = await owner_of(request)
-        file_id = request.path_params["file_id"]
-        return JSONResponse(await run_in_threadpool(store.get_file, file_id, owner))
-
-    async def delete_file(request: Request) -> Response:
-        owner = await owner_of(request)
-        file_id = request.path_params["file_id"]
-        return JSONResponse(await run_in_threadpool(store.delete_file, file_id, owner))
-
     async def file_content(request: Request) -> Response:
         owner = await owner_of(request)
         file_id = request.path_params["file_id"]
@@ -393,16 +393,6 @@ def create_app(cfg: Config) -> Starlette:
         after = request.query_params.get("after")
         data, more = await run_in_threadpool(store.list_batches, owner, limit, after)
         return JSONResponse(_listing(data, more))
-
-    async def get_batch(request: Request) -> Response:
-        owner = await owner_of(request)
-        batch_id = request.path_params["batch_id"]
-        return JSONResponse(await run_in_threadpool(store.get_batch, batch_id, owner))
-
-    async def cancel_batch(request: Request) -> Response:
-        owner = await owner_of(request)
-        batch_id = request.path_params["batch_id"]
-        return JSONResponse(await run_in_threadpool(store.cancel_batch, batch_id, owner))
 
     async def api_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, ApiError)
@@ -447,13 +437,17 @@ def create_app(cfg: Config) -> Starlette:
         Route("/v1/models", models, methods=["GET"]),
         Route("/v1/files", upload_file, methods=["POST"]),
         Route("/v1/files", list_files, methods=["GET"]),
-        Route("/v1/files/{file_id}", get_file, methods=["GET"]),
-        Route("/v1/files/{file_id}", delete_file, methods=["DELETE"]),
+        Route("/v1/files/{file_id}", by_id(store.get_file, "file_id"), methods=["GET"]),
+        Route("/v1/files/{file_id}", by_id(store.delete_file, "file_id"), methods=["DELETE"]),
         Route("/v1/files/{file_id}/content", file_content, methods=["GET"]),
         Route("/v1/batches", create_batch, methods=["POST"]),
         Route("/v1/batches", list_batches, methods=["GET"]),
-        Route("/v1/batches/{batch_id}", get_batch, methods=["GET"]),
-        Route("/v1/batches/{batch_id}/cancel", cancel_batch, methods=["POST"]),
+        Route("/v1/batches/{batch_id}", by_id(store.get_batch, "batch_id"), methods=["GET"]),
+        Route(
+            "/v1/batches/{batch_id}/cancel",
+            by_id(store.cancel_batch, "batch_id"),
+            methods=["POST"],
+        ),
     ]
     handlers: dict[Any, Callable[[Request, Exception], Awaitable[Response]]] = {
         ApiError: api_error,
