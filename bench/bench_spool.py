@@ -35,6 +35,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
+sys.path.insert(0, str(ROOT))
+from tests import rusage  # noqa: E402
 
 
 def machine() -> str:
@@ -86,14 +88,12 @@ def spool_config(tmp: Path, **over: Any) -> Path:
 
 
 def timed(cmd: list[str]) -> tuple[float, float, int]:
-    """Wall seconds, CPU seconds (user + sys) and peak RSS (KiB) of one process."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, cwd=ROOT)
-    _, status, usage = os.wait4(proc.pid, 0)
-    elapsed = time.perf_counter() - t0
-    if (code := os.waitstatus_to_exitcode(status)) != 0:
-        raise SystemExit(f"{cmd[:4]} exited {code}")
-    return elapsed, usage.ru_utime + usage.ru_stime, usage.ru_maxrss
+    """Wall seconds, CPU seconds (user + sys) and peak RSS (KiB) of one process,
+    measured from a small process (tests/rusage.py: our own RSS would count too)."""
+    usage = rusage.measure(cmd, cwd=ROOT, stderr=None)
+    if usage.returncode != 0:
+        raise SystemExit(f"{cmd[:4]} exited {usage.returncode}")
+    return usage.wall, usage.cpu, usage.maxrss_kib
 
 
 def drain(cfg: Path) -> tuple[float, int]:
