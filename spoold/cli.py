@@ -55,7 +55,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     setup_logging(cfg.logging.format, cfg.logging.level)
     from spoold.gpu import open_nvml
 
-    daemon = Daemon(cfg, lambda model: make_engine(cfg.engine, model), gpu_reader=open_nvml())
+    daemon = Daemon(cfg, lambda m, r: make_engine(cfg.engine, m, r), gpu_reader=open_nvml())
     daemon.install_signal_handlers()
     if _early_signal:
         daemon.request_stop(signal.Signals(_early_signal[0]).name)

@@ -54,12 +54,18 @@ from spoold.runner import (
 )
 from spoold.signals import SignalWatcher
 from spoold.spool import Spool
-from spoold.validate import first_request
+from spoold.validate import GENERATE, first_request, runner_of
 from spoold.watch import Watcher
 
 log = structlog.get_logger("spoold.daemon")
 
-EngineFactory = Callable[[str], Engine]  # model → engine
+EngineFactory = Callable[[str, str], Engine]  # (model, runner) → engine
+
+
+def load_key(model: str, runner: str) -> str:
+    """What a model's loads are counted under: one model loaded with the pooling runner
+    (for embeddings jobs) is another load than the same model as a generator."""
+    return model if runner == GENERATE else f"{model} (runner {runner})"
 
 
 MODEL_RETRY_CAP_S = 1800.0
@@ -72,12 +78,13 @@ DRAIN_IO_TRIES = 5
 class _Engines:
     """The runner's engine source for one job's model (execution.EngineSource)."""
 
-    def __init__(self, daemon: Daemon, model: str) -> None:
+    def __init__(self, daemon: Daemon, model: str, runner: str) -> None:
         self.daemon = daemon
         self.model = model
+        self.runner = runner
 
     def get(self) -> Engine | None:
-        return self.daemon._engine_for(self.model)
+        return self.daemon._engine_for(self.model, self.runner)
 
     def reload(self) -> Engine | None:
         """After an engine death: close what is left and load afresh (None: asked to
@@ -93,7 +100,7 @@ class _Engines:
                 daemon.close_engine()
         log.warning("reloading the engine after its death", model=self.model)
         try:
-            return daemon._engine_for(self.model)
+            return daemon._engine_for(self.model, self.runner)
         except ModelLoadError as e:
             raise EngineFatal(f"the engine died and cannot be reloaded: {e}") from e
 
@@ -122,7 +129,7 @@ class Daemon:
         # Without a watcher (--drain) poll briskly; with one, events wake us and the
         # full rescan every watch.rescan_interval_s is the safety net.
         self._max_idle_s = 1.0
-        self._job_models: dict[str, str] = {}
+        self._job_models: dict[str, tuple[str, str]] = {}  # job id → (model, runner)
         # What is wrong now, by topic ("model:…", "job:…", "incoming:…"): the heartbeat's
         # `problems`, so spool-status shows it. Set from the loop and the side thread.
         self._problems: dict[str, str] = {}
@@ -696,17 +703,18 @@ class Daemon:
             picked = self._pick_job(ignore_backoff)
             if picked is None:
                 return False
-            job_dir, state, model = picked
+            job_dir, state, (model, runner) = picked
             # Not to be filed as a cancelled "queued" job under its runner (side work).
             self._current_job, self._current_dir = state.id, job_dir
         try:
-            self._run_acquired(job_dir, state, model)
+            self._run_acquired(job_dir, state, model, runner)
         finally:
             self._current_job = self._current_dir = None
         return True
 
-    def _pick_job(self, ignore_backoff: bool) -> tuple[Path, JobState, str] | None:
-        """The next job to run, acquired, with its model; cancelled ones filed first."""
+    def _pick_job(self, ignore_backoff: bool) -> tuple[Path, JobState, tuple[str, str]] | None:
+        """The next job to run, acquired, with its (model, runner); cancelled ones filed
+        first."""
         jobs = [(d, st) for d, st in self.spool.active_jobs() if st.status not in TERMINAL]
         self._report_unreadable()
         jobs = self._finish_cancelled(jobs)
@@ -723,25 +731,26 @@ class Daemon:
                 self._problem(f"job:{job_id}", None)
         if self.cfg.processing.prefer_loaded_model:
             # Don't switch back and forth: jobs for the loaded model go first.
-            loaded = self.engine.model if self.engine is not None else None
+            loaded = (self.engine.model, self.engine.runner) if self.engine is not None else None
             jobs.sort(key=lambda j: self._job_models[j[1].id] != loaded)
         if not jobs and self.cluster.succeeded("ray"):
             self._problem("engine:ray", None)  # no job waits for it any more
         if self.cluster.waiting("ray"):
             return None  # the ray cluster is away: every job waits for it (design §10)
         for job_dir, state in jobs:
-            model = self._job_models[state.id]
+            want = self._job_models[state.id]
+            key = load_key(*want)
             if not ignore_backoff and (
-                self.model_loads.waiting(model) or self.job_retries.waiting(state.id)
+                self.model_loads.waiting(key) or self.job_retries.waiting(state.id)
             ):
                 continue
-            if ignore_backoff and self.model_loads.get(model) is None:
+            if ignore_backoff and self.model_loads.get(key) is None:
                 continue
             if not self._input_settled(job_dir, state):
                 continue
             if not self.spool.acquire(job_dir):
                 continue
-            return job_dir, state, model
+            return job_dir, state, want
         return None
 
     def _report_unreadable(self) -> None:
@@ -765,7 +774,7 @@ class Daemon:
             return jobs
         left = []
         for job_dir, state in jobs:
-            model = self._job_models[state.id]
+            model = load_key(*self._job_models[state.id])
             failing = self.model_loads.get(model)
             if model not in given_up or failing is None:
                 left.append((job_dir, state))
@@ -846,18 +855,20 @@ class Daemon:
                     log.warning("cannot file a cancelled job yet", job_id=state.id, error=str(e))
         return left
 
-    def _model_of(self, job_dir: Path, state: JobState) -> str:
-        """The engine model a job needs: its first request's body.model, resolved."""
-        if state.model:
-            return state.model
+    def _model_of(self, job_dir: Path, state: JobState) -> tuple[str, str]:
+        """The engine model a job needs, and its runner: its first request's body.model,
+        resolved, and the kind of work of its url (SPEC §6 Endpoints)."""
         try:
             with open(job_dir / INPUT, "rb") as f:
                 first = first_request(f, self.cfg.limits.max_line_bytes)
         except OSError:
             first = None
-        return self.cfg.engine.resolve_model(first.body.get("model") if first else None)
+        runner = runner_of(first.url if first else None)
+        if state.model:
+            return state.model, runner
+        return self.cfg.engine.resolve_model(first.body.get("model") if first else None), runner
 
-    def _engine_for(self, model: str) -> Engine | None:
+    def _engine_for(self, model: str, runner: str) -> Engine | None:
         """The engine for `model`, loaded if needed; None when asked to stop while
         waiting to load it. A load that fails is remembered for its backoff (design §8)
         and raised as ModelLoadError."""
@@ -865,8 +876,14 @@ class Daemon:
             log.warning("the engine is gone; starting it again", model=self.engine.model)
             with contextlib.suppress(Exception):
                 self.close_engine()
-        if self.engine is not None and self.engine.model != model:
-            log.info("switching model", old=self.engine.model, new=model)
+        if self.engine is not None and (self.engine.model, self.engine.runner) != (model, runner):
+            log.info(
+                "switching model",
+                old=self.engine.model,
+                new=model,
+                old_runner=self.engine.runner,
+                runner=runner,
+            )
             self.close_engine()
         if self.engine is None:
             if not self.gate():  # SPEC §7: no model load onto a hot or full GPU
@@ -875,32 +892,36 @@ class Daemon:
             self.notifier.status(f"loading model {model}")
             began = self.clock()
             try:
-                self.engine = self.engine_factory(model)
+                self.engine = self.engine_factory(model, runner)
             except ClusterUnavailable as e:
                 self._cluster_lost(e)
                 raise
             except Exception as e:
                 error = f"{type(e).__name__}: {e}".replace("\n", " ")[:1000]
-                failing = self.model_loads.failed(model, error)
+                key = load_key(model, runner)
+                failing = self.model_loads.failed(key, error)
                 limit = self.cfg.processing.max_model_load_attempts
                 wait = max(0.0, failing.retry_at - self.clock())
                 log.error(
                     "cannot load model",
                     model=model,
+                    runner=runner,
                     attempt=failing.attempts,
                     max_attempts=limit,
                     retry_in_s=round(wait),
                     error=error,
                 )
                 self._problem(
-                    f"model:{model}",
-                    f"model {model!r} cannot be loaded ({failing.attempts} of {limit} attempts"
+                    f"model:{key}",
+                    f"model {key!r} cannot be loaded ({failing.attempts} of {limit} attempts"
                     f"; next in {wait:.0f} s; engine.model / engine.models): {error}",
                 )
                 raise ModelLoadError(error) from e
-            log.info("model loaded", model=model, load_s=round(self.clock() - began, 2))
-            if self.model_loads.succeeded(model):
-                self._problem(f"model:{model}", None)
+            log.info(
+                "model loaded", model=model, runner=runner, load_s=round(self.clock() - began, 2)
+            )
+            if self.model_loads.succeeded(key := load_key(model, runner)):
+                self._problem(f"model:{key}", None)
             if self.cluster.succeeded("ray"):
                 log.info("the ray cluster is back", address=self.cfg.engine.ray.address)
                 self._problem("engine:ray", None)
@@ -908,10 +929,10 @@ class Daemon:
             self.engine.on_step = self.notifier.watchdog
         return self.engine
 
-    def _run_acquired(self, job_dir: Path, state: JobState, model: str) -> None:
+    def _run_acquired(self, job_dir: Path, state: JobState, model: str, kind: str) -> None:
         self._show(status="processing")
         self._progress(state, 0, 0.0)
-        runner = Runner(self.spool, self.cfg, _Engines(self, model), self.hooks)
+        runner = Runner(self.spool, self.cfg, _Engines(self, model, kind), self.hooks)
         topic = f"job:{state.id}"
         # Every log line while the job runs carries job_id, the engine's own included.
         with structlog.contextvars.bound_contextvars(job_id=state.id):

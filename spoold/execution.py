@@ -26,6 +26,7 @@ from spoold.config import Config
 from spoold.engines.base import (
     ClusterUnavailable,
     Completion,
+    Embedding,
     Engine,
     EngineDied,
     Failure,
@@ -47,6 +48,7 @@ class EngineSource(Protocol):
     """Where a run gets its engine (the daemon: loaded once, kept across jobs)."""
 
     model: str
+    runner: str  # the vLLM runner the job's kind of work needs (validate.runner_of)
 
     def get(self) -> Engine | None:
         """The engine, loaded if needed; None when asked to stop meanwhile.
@@ -428,6 +430,11 @@ class Execution:
             self.out.append(data)
             counts.completed += 1
             run.tokens += outcome.completion_tokens
+        elif isinstance(outcome, Embedding):
+            data = formats.output_line(state.id, outcome, int(time.time()))
+            self.out.append(data)
+            counts.completed += 1
+            run.tokens += outcome.prompt_tokens  # an embedding's work is its input
         else:
             data = formats.error_line(
                 state.id,

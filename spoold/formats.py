@@ -9,7 +9,7 @@ from typing import Any
 
 import orjson
 
-from spoold.engines.base import Completion
+from spoold.engines.base import Completion, Embedding
 
 # What str.splitlines() (and JavaScript's line terminators) split on beyond what JSON
 # escapes already (controls below 0x20): U+0085, U+2028, U+2029; with them the other C1
@@ -27,7 +27,9 @@ def _escaped(m: re.Match[bytes]) -> bytes:
 
 def _dumps(record: dict[str, Any]) -> bytes:
     """One result line: compact JSON, `\n`-terminated, the only line break in it (SPEC §4)."""
-    data = orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE)
+    # NumPy arrays (the vllm engine's embeddings) are written as `vllm serve` writes
+    # them: orjson's shortest float32 form.
+    data = orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE | orjson.OPT_SERIALIZE_NUMPY)
     # `int in bytes` is a memchr; a regex searches only where a lead byte is (curly
     # quotes and dashes, common in model output, start with 0xE2 too), and the line is
     # rewritten only where one of the characters is.
@@ -102,16 +104,38 @@ def response_body(c: Completion, created: int, body_id: str) -> dict[str, Any]:
     return body
 
 
-def output_line(job_id: str, c: Completion, created: int) -> bytes:
+def embedding_body(e: Embedding, created: int, body_id: str) -> dict[str, Any]:
+    """The body `vllm serve` answers at /v1/embeddings for this request."""
+    return {
+        "id": "embd-" + body_id,
+        "object": "list",
+        "created": created,
+        "model": e.request.body.get("model") or e.model,
+        "data": [
+            {"index": i, "object": "embedding", "embedding": vector}
+            for i, vector in enumerate(e.data)
+        ],
+        "usage": {
+            "prompt_tokens": e.prompt_tokens,
+            "total_tokens": e.prompt_tokens,
+            "completion_tokens": 0,
+            "prompt_tokens_details": None,
+            "completion_tokens_details": None,
+        },
+    }
+
+
+def output_line(job_id: str, c: Completion | Embedding, created: int) -> bytes:
     batch_id, request_id, body_id = _ids(job_id, c.request.line)
+    body = (
+        embedding_body(c, created, body_id)
+        if isinstance(c, Embedding)
+        else response_body(c, created, body_id)
+    )
     record = {
         "id": f"batch_req_{batch_id}",
         "custom_id": c.request.custom_id,
-        "response": {
-            "status_code": 200,
-            "request_id": request_id,
-            "body": response_body(c, created, body_id),
-        },
+        "response": {"status_code": 200, "request_id": request_id, "body": body},
         "error": None,
     }
     return _dumps(record)

@@ -373,7 +373,8 @@ class Runner:
                 buckets = self.spool.lease.dir
                 items = scan_input(f, self.cfg.limits.max_line_bytes, buckets, expected, shape)
                 resolve = self.cfg.engine.resolve_model
-                for item in one_model(items, resolve, self.engines.model):
+                engines = self.engines
+                for item in one_model(items, resolve, engines.model, job_runner=engines.runner):
                     if isinstance(item, Request):
                         counts.total += 1
                         continue

@@ -18,9 +18,20 @@ from spoold.unique import IN_MEMORY, UniqueIds
 
 CHAT_URL = "/v1/chat/completions"
 COMPLETIONS_URL = "/v1/completions"
-SUPPORTED_URLS = (CHAT_URL, COMPLETIONS_URL)
+EMBEDDINGS_URL = "/v1/embeddings"
+SUPPORTED_URLS = (CHAT_URL, COMPLETIONS_URL, EMBEDDINGS_URL)
 DUPLICATE = "duplicate_custom_id"
 MODEL_MISMATCH = "model_mismatch"
+ENDPOINT_MISMATCH = "endpoint_mismatch"
+# The two kinds of work a job can be (SPEC §6 Endpoints), by vLLM's runner names: a
+# job's first valid request decides, and its model is loaded with that runner.
+GENERATE = "generate"
+POOLING = "pooling"
+
+
+def runner_of(url: str | None) -> str:
+    """The vLLM runner a request's url needs."""
+    return POOLING if url == EMBEDDINGS_URL else GENERATE
 
 
 # Not frozen: a frozen dataclass's __init__ costs twice as much, and two are built per
@@ -36,8 +47,17 @@ class Request:
     def is_chat(self) -> bool:
         return self.url == CHAT_URL
 
+    @property
+    def is_embedding(self) -> bool:
+        return self.url == EMBEDDINGS_URL
+
     def text(self) -> str:
         """All prompt text of the request (for markers and rough token counts)."""
+        if self.url == EMBEDDINGS_URL:
+            given = self.body["input"]
+            if type(given) is str:
+                return given
+            return "\n".join(p for p in given if type(p) is str)  # token ids: no text
         if self.is_chat:
             parts: list[str] = []
             for m in self.body["messages"]:
@@ -120,8 +140,67 @@ def _check_prompt(body: dict[str, Any], problems: list[str]) -> None:
     problems.append(_must(body, "prompt", "a string", "body."))
 
 
+def _token_ids(v: Any) -> bool:
+    return type(v) is list and bool(v) and all(type(t) is int and t >= 0 for t in v)
+
+
+def _check_input(body: dict[str, Any], problems: list[str]) -> None:
+    """`input` as OpenAI (and `vllm serve`) take it: a string, a list of strings, a
+    list of token ids, or a list of lists of token ids; lists not empty."""
+    given = body.get("input")
+    if type(given) is str:
+        return
+    if type(given) is list and given:
+        if all(type(p) is str for p in given) or _token_ids(given):
+            return
+        if all(_token_ids(p) for p in given):
+            return
+    problems.append(
+        _must(
+            body,
+            "input",
+            "a string, a list of strings, a list of token ids or a list of lists of token "
+            "ids (none empty)",
+            "body.",
+        )
+    )
+
+
+# The fields of an embeddings body beside `input` (what `vllm serve` honours for it).
+EMBEDDING_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "model": (lambda v: type(v) is str, "a string"),
+    "encoding_format": (lambda v: v in (None, "float", "base64"), '"float" or "base64"'),
+    "dimensions": (lambda v: v is None or (type(v) is int and v >= 1), "an integer >= 1"),
+    "truncate_prompt_tokens": (
+        lambda v: v is None or (type(v) is int and v >= -1),
+        "-1 or an integer >= 0",
+    ),
+    "add_special_tokens": (lambda v: type(v) is bool, "a boolean"),
+}
+
+
+def _check_embedding(body: dict[str, Any], problems: list[str]) -> None:
+    _check_input(body, problems)
+    for key, value in body.items():
+        if key == "input" or key in HARMLESS:
+            continue
+        check = EMBEDDING_FIELDS.get(key)
+        if check is None:
+            name = f"body.{key}" if key.isidentifier() else f"body[{_show(key)}]"
+            problems.append(
+                f"{name} is not supported for {EMBEDDINGS_URL} (remove it from the request)"
+            )
+            continue
+        ok, what = check
+        if not ok(value):
+            problems.append(f"body.{key} must be {what}, got {_show(value)}")
+
+
 def _check_body(url: str | None, body: dict[str, Any], problems: list[str]) -> None:
     """Append what is wrong with a request body for `url` (None: an unsupported url)."""
+    if url == EMBEDDINGS_URL:
+        _check_embedding(body, problems)
+        return
     if url == CHAT_URL:
         _check_messages(body, problems)
         shape = "messages"
@@ -134,7 +213,7 @@ def _check_body(url: str | None, body: dict[str, Any], problems: list[str]) -> N
             continue
         check = FIELD_CHECKS.get(key)
         if check is None:
-            if url is None and key == "messages":
+            if url is None and key in ("messages", "input"):
                 continue  # an unsupported url: its prompt's shape is unknown
             name = f"body.{key}" if key.isidentifier() else f"body[{_show(key)}]"
             problems.append(f"{name} is not supported by spoold (remove it from the request)")
@@ -282,21 +361,45 @@ def model_mismatch(request: Request, wanted: str, job_model: str) -> LineError:
     )
 
 
+def endpoint_mismatch(request: Request, job_runner: str) -> LineError:
+    """The error of a line of the other kind of work than its job's (SPEC §6)."""
+    kind = "embeddings" if job_runner == POOLING else "generation (chat and completions)"
+    return LineError(
+        request.line,
+        request.custom_id,
+        ENDPOINT_MISMATCH,
+        (
+            f"url {request.url} does not run in this job, which is a {kind} job (set by "
+            "its first request): submit embeddings and generation requests in separate "
+            "files",
+        ),
+    )
+
+
 def one_model(
     items: Iterable[Request | LineError],
     resolve: Callable[[object], str],
     job_model: str | None = None,
     one_error_a_line: bool = True,
+    job_runner: str | None = None,
 ) -> Iterator[Request | LineError]:
-    """`scan_file`'s items with the one-model-per-job rule applied (for the runner and
-    `spoold validate` alike): a valid line whose body.model `resolve`s to another model
-    than the job's (`job_model`, else the first valid line's) becomes a model_mismatch
-    error, and its later duplicate_custom_id replacement is dropped (one error a line)
-    unless `one_error_a_line` is false."""
+    """`scan_file`'s items with the one-job-one-model rules applied (for the runner and
+    `spoold validate` alike): a valid line of the other kind of work than the job's
+    (`job_runner`, else the first valid line's: SPEC §6) becomes an endpoint_mismatch
+    error; one whose body.model `resolve`s to another model than the job's
+    (`job_model`, else the first valid line's) a model_mismatch error. The line's later
+    duplicate_custom_id replacement is dropped (one error a line) unless
+    `one_error_a_line` is false."""
     fine: set[object] = set()  # body.model values known to run on the job's model
     mismatched: set[int] = set()
     for item in items:
         if isinstance(item, Request):
+            runner = runner_of(item.url)
+            job_runner = job_runner or runner
+            if runner != job_runner:
+                mismatched.add(item.line)
+                yield endpoint_mismatch(item, job_runner)
+                continue
             name = item.body.get("model")
             if name not in fine:
                 wanted = resolve(name)

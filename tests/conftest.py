@@ -17,6 +17,14 @@ def tiny_model() -> Path:
     return tinymodel.build(tinymodel.default_cache_dir())
 
 
+@pytest.fixture(scope="session")
+def tiny_bert() -> Path:
+    """The tiny BERT embedding model of tests/tinymodel.py (built once, cached)."""
+    from tests import tinymodel
+
+    return tinymodel.build_bert(tinymodel.default_bert_dir())
+
+
 @pytest.fixture(autouse=True)
 def no_leaked_threads() -> Iterator[None]:
     """A test must not leave threads running (as in watchdog's own suite)."""

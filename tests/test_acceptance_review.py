@@ -877,10 +877,6 @@ def test_spool_status_queued_job_shows_no_none(tmp_path: Path) -> None:
     assert "results" in json.dumps(res)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="SPEC §2/§6 /v1/embeddings: issue 15, not built yet",
-)
 def test_validate_accepts_embeddings_requests(tmp_path: Path) -> None:
     """§2 Validation: `url` one of /v1/chat/completions, /v1/completions, /v1/embeddings;
     `body` with `input` for embeddings. §5: validate checks as admission would."""

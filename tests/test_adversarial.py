@@ -123,7 +123,7 @@ def test_a_stop_while_waiting_to_reload_a_dead_engine_exits_0(tmp_path: Path) ->
     )
     d = Daemon(
         cfg,
-        lambda model: Dying(model, cfg.engine.fake),
+        lambda model, runner: Dying(model, cfg.engine.fake, runner),
         disk_free=lambda path: 0 if died.is_set() else 1 << 40,
     )
     d.poll_s = 0.02

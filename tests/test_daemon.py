@@ -417,9 +417,9 @@ def test_the_watchdog_is_pinged_while_a_slow_model_loads(tmp_path: Path) -> None
         }
     )
 
-    def slow_load(model: str) -> FakeEngine:
+    def slow_load(model: str, runner: str) -> FakeEngine:
         time.sleep(3.0)
-        return FakeEngine(model, cfg.engine.fake)
+        return FakeEngine(model, cfg.engine.fake, runner)
 
     d = InProcess(cfg, slow_load)
     d.notifier = Notifier(str(sock_path))

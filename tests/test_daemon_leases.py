@@ -29,7 +29,7 @@ class _Exited(BaseException):
 
 def _daemon(tmp_path: Path, **overrides: object) -> Daemon:
     cfg = load_config(make_config(tmp_path, **overrides))  # type: ignore[arg-type]
-    return Daemon(cfg, lambda model: make_engine(cfg.engine, model))
+    return Daemon(cfg, lambda model, runner: make_engine(cfg.engine, model, runner))
 
 
 def _claimed(tmp_path: Path, **overrides: object) -> Daemon:

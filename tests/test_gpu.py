@@ -94,7 +94,7 @@ def test_daemon_throttles_while_hot_and_resumes_when_cooled(tmp_path: Path) -> N
             "processing": {"chunk_size": 50},
         }
     )
-    d = Daemon(cfg, lambda model: FakeEngine(model, cfg.engine.fake), gpu_reader=gpu)
+    d = Daemon(cfg, lambda m, r: FakeEngine(m, cfg.engine.fake, r), gpu_reader=gpu)
     d.poll_s = 0.02
     ids = [f"r{i}" for i in range(300)]
     d.spool.ensure_layout()
@@ -138,7 +138,7 @@ def test_low_disk_holds_admission_until_space_returns(tmp_path: Path) -> None:
         }
     )
     d = Daemon(
-        cfg, lambda model: FakeEngine(model, cfg.engine.fake), disk_free=lambda p: free["bytes"]
+        cfg, lambda m, r: FakeEngine(m, cfg.engine.fake, r), disk_free=lambda p: free["bytes"]
     )
     d.spool.ensure_layout()
     write_jsonl(d.spool.incoming / "wait.jsonl", [chat("a")])
@@ -195,7 +195,7 @@ def test_a_file_that_cannot_be_claimed_is_reported_and_the_daemon_goes_on(
     file stays in incoming/ untouched, the problem is said once (log, heartbeat), and
     the daemon neither dies nor copies."""
     cfg = parse_config({"spool_dir": str(tmp_path / "spool"), "watch": {"settle_seconds": 0}})
-    d = Daemon(cfg, lambda model: FakeEngine(model, cfg.engine.fake))
+    d = Daemon(cfg, lambda m, r: FakeEngine(m, cfg.engine.fake, r))
     d.spool.ensure_layout()
     if subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(d.spool.incoming)]).returncode:
         pytest.skip("cannot mount a tmpfs here")
@@ -253,7 +253,7 @@ def test_an_input_read_error_mid_run_is_not_taken_for_the_engine(
         return real(raw, line)
 
     monkeypatch.setattr(execution, "read_request", flaky)
-    d = Daemon(cfg, lambda model: FakeEngine(model, cfg.engine.fake))
+    d = Daemon(cfg, lambda m, r: FakeEngine(m, cfg.engine.fake, r))
     d.spool.ensure_layout()
     ids = [f"r{i}" for i in range(300)]
     write_jsonl(d.spool.incoming / "flaky.jsonl", [chat(i) for i in ids])
@@ -297,7 +297,7 @@ def test_an_engine_that_loses_a_request_fails_the_job_instead_of_looping(
                     yield outcome
 
     cfg = parse_config({"spool_dir": str(tmp_path / "spool"), "watch": {"settle_seconds": 0}})
-    d = Daemon(cfg, lambda model: Lossy(model, cfg.engine.fake))
+    d = Daemon(cfg, lambda model, runner: Lossy(model, cfg.engine.fake, runner))
     d.spool.ensure_layout()
     write_jsonl(d.spool.incoming / "lossy.jsonl", [chat(f"r{i}") for i in range(20)])
     assert d.run(drain=True) == 0
@@ -314,7 +314,7 @@ def test_a_passing_claim_error_is_retried(tmp_path: Path, monkeypatch: pytest.Mo
 
     now = [1000.0]
     cfg = parse_config({"spool_dir": str(tmp_path / "spool"), "watch": {"settle_seconds": 0}})
-    d = Daemon(cfg, lambda model: FakeEngine(model, cfg.engine.fake), clock=lambda: now[0])
+    d = Daemon(cfg, lambda m, r: FakeEngine(m, cfg.engine.fake, r), clock=lambda: now[0])
     d.spool.ensure_layout()
     write_jsonl(d.spool.incoming / "later.jsonl", [chat("a")])
     real = d.spool.claim

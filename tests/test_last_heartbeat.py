@@ -44,12 +44,12 @@ cfg = load_config(Path(sys.argv[1]))
 mode, load_s = sys.argv[2], float(sys.argv[3])
 loads = []
 
-def factory(model):
+def factory(model, runner):
     loads.append(model)
     if mode == "reload-fails" and len(loads) > 1:
         raise RuntimeError("CUDA out of memory")
     time.sleep(load_s)
-    return FakeEngine(model, cfg.engine.fake)
+    return FakeEngine(model, cfg.engine.fake, runner)
 
 d = Daemon(cfg, factory)
 d.install_signal_handlers()

@@ -164,7 +164,7 @@ from spoold.daemon import Daemon
 from spoold.engines import make_engine
 
 cfg = load_config(Path(sys.argv[1]))
-d = Daemon(cfg, lambda model: make_engine(cfg.engine, model))
+d = Daemon(cfg, lambda model, runner: make_engine(cfg.engine, model, runner))
 d.spool.ensure_layout()
 assert d._claim_instance()  # the instance lease: the heartbeat is ours to write
 d.install_signal_handlers()

@@ -246,7 +246,7 @@ def test_a_drain_fenced_while_retrying_an_unloadable_model_reincarnates(
     loads: list[int] = []
     daemon: Daemon | None = None
 
-    def factory(model: str) -> object:
+    def factory(model: str, runner: str) -> object:
         loads.append(1)
         assert daemon is not None
         raise RuntimeError("model load failed")

@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from spoold.validate import Request
+from spoold.validate import GENERATE, Request
 
 
 @dataclass(slots=True)
@@ -30,6 +30,18 @@ class Completion:
 
 
 @dataclass(slots=True)
+class Embedding:
+    """An embeddings request the engine answered: one vector per input, in order, each
+    as the request's encoding_format asks (a list of floats, or the base64 of its
+    float32 bytes, little-endian, as `vllm serve` sends it)."""
+
+    request: Request
+    model: str
+    data: list[Any]
+    prompt_tokens: int
+
+
+@dataclass(slots=True)
 class Failure:
     """A request the engine could not answer; becomes an errors.jsonl line."""
 
@@ -39,7 +51,7 @@ class Failure:
     status: int = 400
 
 
-Outcome = Completion | Failure
+Outcome = Completion | Embedding | Failure
 
 
 class _Idle:
@@ -77,6 +89,9 @@ class ClusterUnavailable(Exception):
 class Engine(ABC):
     model: str
     backend = "engine"  # engine.backend's name for it
+    # The vLLM runner the model is loaded with: "generate" (chat and completions
+    # requests) or "pooling" (embeddings), as a job's first request needs (SPEC §6).
+    runner: str = GENERATE
     # Called after every engine step (the loop that makes progress): the daemon
     # pings systemd's watchdog from here, so a hung engine is noticed.
     on_step: Callable[[], None] | None = None
@@ -107,7 +122,7 @@ class Engine(ABC):
 
     def describe(self) -> dict[str, Any]:
         """The heartbeat's `engine` section (read from the heartbeat's thread)."""
-        return {"backend": type(self).backend, "model": self.model}
+        return {"backend": type(self).backend, "model": self.model, "runner": self.runner}
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release the engine's resources."""

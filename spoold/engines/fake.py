@@ -2,23 +2,30 @@
 
 from __future__ import annotations
 
+import array
+import base64
 import itertools
+import math
 import os
+import sys
 import time
 import zlib
 from collections.abc import Iterator
+from typing import Any
 
 from spoold.config import FakeEngineConfig
 from spoold.engines.base import (
     IDLE,
     Choice,
     Completion,
+    Embedding,
     Engine,
     EngineDied,
+    Failure,
     ModelLoadError,
     Outcome,
 )
-from spoold.validate import SUPPORTED_URLS, Request
+from spoold.validate import GENERATE, POOLING, SUPPORTED_URLS, Request, runner_of
 
 _WORDS = (
     "alpha",
@@ -57,6 +64,29 @@ _STARTS = tuple(itertools.accumulate((len(w) + 1 for w in _STREAM), initial=0))
 _URL_SEEDS = {url: zlib.crc32(url.encode()) for url in SUPPORTED_URLS}
 
 
+FAKE_DIMENSIONS = 8  # an embedding's length unless the request asks for `dimensions`
+
+
+def fake_vector(item: Any, dimensions: int) -> list[float]:
+    """A unit vector that depends only on one input (a string or a list of token ids),
+    each component a float32 value, as a model's would be."""
+    seed = zlib.crc32(repr(item).encode())
+    raw = [math.sin(seed + 7919 * i) for i in range(dimensions)]
+    norm = math.sqrt(sum(x * x for x in raw)) or 1.0
+    return array.array("f", (x / norm for x in raw)).tolist()
+
+
+def encode_vector(vector: list[float], encoding_format: str | None) -> Any:
+    """A vector as an embeddings response carries it: floats, or base64 of float32
+    little-endian bytes (`encoding_format: base64`)."""
+    if encoding_format != "base64":
+        return vector
+    packed = array.array("f", vector)
+    if sys.byteorder == "big":
+        packed.byteswap()
+    return base64.b64encode(packed.tobytes()).decode("ascii")
+
+
 class FakeEngineError(RuntimeError):
     """Raised for a whole batch, the way vLLM fails a batch for one bad prompt."""
 
@@ -76,13 +106,14 @@ def fake_answer(request: Request, text: str, index: int = 0) -> tuple[str, str, 
 class FakeEngine(Engine):
     backend = "fake"
 
-    def __init__(self, model: str, cfg: FakeEngineConfig) -> None:
+    def __init__(self, model: str, cfg: FakeEngineConfig, runner: str = GENERATE) -> None:
         if cfg.load_fail_marker and cfg.load_fail_marker in model:
             raise ModelLoadError(f"fake engine: no model named {model!r} (load_fail_marker)")
         if cfg.crash_marker and cfg.crash_marker in model:
             os._exit(71)  # a load the kernel's OOM killer ends: no exception, no cleanup
         self.model = model
         self.cfg = cfg
+        self.runner = runner
         self.dead = False
 
     def _answer(self, request: Request, text: str) -> Completion:
@@ -95,6 +126,19 @@ class FakeEngine(Engine):
         # Roughly a token per word, plus one.
         return Completion(request, self.model, choices, text.count(" ") + 2, completion_tokens)
 
+    def _embed(self, request: Request) -> Outcome:
+        if runner_of(request.url) != POOLING:
+            msg = f"line {request.line}: {request.url} does not run on a pooling model"
+            return Failure(request, "invalid_request", msg, 400)
+        body = request.body
+        given = body["input"]
+        items = [given] if type(given) is str or type(given[0]) is int else given
+        dims = body.get("dimensions") or FAKE_DIMENSIONS
+        fmt = body.get("encoding_format")
+        data = [encode_vector(fake_vector(item, dims), fmt) for item in items]
+        tokens = sum(len(i) if type(i) is list else i.count(" ") + 2 for i in items)
+        return Embedding(request, self.model, data, tokens)
+
     def run(self, requests: Iterator[Request]) -> Iterator[Outcome]:
         size = self.cfg.batch_size
         while batch := list(itertools.islice(requests, size)):
@@ -102,7 +146,7 @@ class FakeEngine(Engine):
             if batch:
                 yield from self._run_batch(batch)
 
-    def _run_batch(self, batch: list[Request]) -> list[Completion]:
+    def _run_batch(self, batch: list[Request]) -> list[Outcome]:
         if self.dead:
             raise EngineDied("fake engine: the engine died earlier; reload it")
         texts = [r.text() for r in batch]
@@ -118,4 +162,14 @@ class FakeEngine(Engine):
             time.sleep(self.cfg.delay_per_request_s * len(batch))
         if self.on_step is not None:
             self.on_step()
-        return [self._answer(r, t) for r, t in zip(batch, texts, strict=True)]
+        if self.runner == POOLING:
+            return [self._embed(r) for r in batch]
+        return [
+            _not_generation(r) if r.is_embedding else self._answer(r, t)
+            for r, t in zip(batch, texts, strict=True)
+        ]
+
+
+def _not_generation(request: Request) -> Failure:
+    msg = f"line {request.line}: {request.url} does not run on a generating model"
+    return Failure(request, "invalid_request", msg, 400)

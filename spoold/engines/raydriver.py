@@ -30,7 +30,7 @@ from typing import Any
 
 from spoold import __version__
 from spoold.config import EngineConfig
-from spoold.engines.base import IDLE, Completion, EngineDied, Outcome
+from spoold.engines.base import IDLE, Completion, Embedding, EngineDied, Outcome
 from spoold.validate import Request
 
 TAKE_WAIT_S = 0.2  # a replica's take() waits this long for an outcome
@@ -52,6 +52,8 @@ def payload_of(outcome: Outcome) -> tuple[Any, ...]:
             outcome.completion_tokens,
             outcome.extra,
         )
+    if isinstance(outcome, Embedding):
+        return ("e", outcome.model, outcome.data, outcome.prompt_tokens)
     return ("f", outcome.code, outcome.message, outcome.status)
 
 
@@ -59,7 +61,7 @@ class Replica:
     """One engine replica, a Ray actor (threaded: `put`/`take` run beside the engine's
     thread). The engine runs over the inbox without running dry (base.IDLE)."""
 
-    def __init__(self, engine_cfg: EngineConfig, model: str, version: str) -> None:
+    def __init__(self, engine_cfg: EngineConfig, model: str, version: str, runner: str) -> None:
         if version != __version__:
             raise RuntimeError(
                 f"spoold {__version__} is installed on this node, the daemon runs spoold "
@@ -67,7 +69,7 @@ class Replica:
             )
         from spoold.engines.vllm import VllmEngine
 
-        self.engine = VllmEngine(engine_cfg, model)
+        self.engine = VllmEngine(engine_cfg, model, runner)
         self.cond = threading.Condition()
         self.inbox: collections.deque[tuple[int, Request]] = collections.deque()
         self.outbox: list[tuple[int, tuple[Any, ...]]] = []
@@ -163,6 +165,7 @@ class Driver:
         self.settings = settings
         self.engine_cfg: EngineConfig = settings["engine"]
         self.model: str = settings["model"]
+        self.runner: str = settings["runner"]
         self.reps: dict[int, _Rep] = {}
         self.next_id = 0
         self.queue: collections.deque[tuple[int, Request]] = collections.deque()
@@ -225,7 +228,9 @@ class Driver:
             options["resources"] = custom
         if self.actor_class is None:
             self.actor_class = ray.remote(Replica)
-        actor = self.actor_class.options(**options).remote(self.engine_cfg, self.model, __version__)
+        actor = self.actor_class.options(**options).remote(
+            self.engine_cfg, self.model, __version__, self.runner
+        )
         rep = _Rep(self.next_id, actor)
         self.next_id += 1
         rep.ready = actor.info.remote()

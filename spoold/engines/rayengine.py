@@ -30,13 +30,14 @@ from spoold.config import ConfigError, EngineConfig
 from spoold.engines.base import (
     ClusterUnavailable,
     Completion,
+    Embedding,
     Engine,
     EngineDied,
     Failure,
     ModelLoadError,
     Outcome,
 )
-from spoold.validate import Request
+from spoold.validate import GENERATE, Request
 
 log = structlog.get_logger("spoold.engines.ray")
 
@@ -98,8 +99,9 @@ def check_ray_config(cfg: EngineConfig) -> None:
 class RayEngine(Engine):
     backend = "ray"
 
-    def __init__(self, cfg: EngineConfig, model: str) -> None:
+    def __init__(self, cfg: EngineConfig, model: str, runner: str = GENERATE) -> None:
         self.model = model
+        self.runner = runner
         self.address = cfg.ray.address
         self._keys = itertools.count()
         self._lock = threading.Lock()  # replicas, read by the heartbeat's thread
@@ -123,6 +125,7 @@ class RayEngine(Engine):
             "resources": cfg.ray.resources_per_replica,
             "engine": cfg,
             "model": model,
+            "runner": runner,
         }
         log.info(
             "starting ray replicas",
@@ -347,5 +350,8 @@ def _outcome(req: Request, payload: tuple[Any, ...]) -> Outcome:
     if payload[0] == "c":
         _, model, choices, prompt_tokens, completion_tokens, extra = payload
         return Completion(req, model, choices, prompt_tokens, completion_tokens, extra)
+    if payload[0] == "e":
+        _, model, data, prompt_tokens = payload
+        return Embedding(req, model, data, prompt_tokens)
     _, code, message, status = payload
     return Failure(req, code, message, status)

