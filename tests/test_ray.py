@@ -8,6 +8,7 @@ test does several things with one daemon.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import importlib.util
 import json
@@ -15,6 +16,7 @@ import os
 import re
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -509,4 +511,56 @@ def test_no_replica_left_is_an_engine_that_cannot_be_reloaded_and_nothing_is_bla
     assert_exactly_once(done, [r["custom_id"] for r in reqs])
     assert not read_results(done, "errors.jsonl")  # nobody was blamed
     assert state(done)["request_counts"] == {"total": 3000, "completed": 3000, "failed": 0}
+    no_ray_left()
+
+
+def _floats(value: Any) -> list[float]:
+    """An embedding as floats, from a list or from base64 of float32 little-endian."""
+    if isinstance(value, str):
+        return [x for (x,) in struct.iter_unpack("<f", base64.b64decode(value))]
+    return list(value)
+
+
+def test_ray_backend_runs_an_embeddings_job_as_the_vllm_backend_does(
+    tmp_path: Path, tiny_bert: Path, no_ray_left: Callable[[], None]
+) -> None:
+    """SPEC §6 Endpoints with `backend: ray`: the replicas load the model with the
+    pooling runner, and the job's lines are the `vllm` backend's (vectors within 1e-5
+    a component: batches are made up differently), its error lines the same."""
+    reqs = [
+        {
+            "custom_id": f"e-{i}",
+            "method": "POST",
+            "url": "/v1/embeddings",
+            "body": {
+                "model": "m",
+                "input": [f"the knight {i} rode", f"to the sea {i % 7}"] if i % 3 else f"fox {i}",
+                **({"encoding_format": "base64"} if i % 4 == 1 else {}),
+            },
+        }
+        for i in range(200)
+    ]
+    reqs.insert(50, chat("a-chat", "Hello!"))
+    results = {}
+    for backend in ("vllm", "ray"):
+        tmp = tmp_path / backend
+        tmp.mkdir()
+        cfg = config(tmp, tiny_bert, backend, ray={"replicas": 1})
+        write_jsonl(tmp / "spool" / "incoming" / "emb.jsonl", reqs)
+        log = tmp / "spoold.log"
+        assert drain_to(cfg, log) == 0, _tail(log)
+        results[backend] = only_job(tmp / "spool", "done")
+        assert_exactly_once(results[backend], [r["custom_id"] for r in reqs])
+    vllm_out, ray_out = (by_custom_id(results[b], "output.jsonl") for b in ("vllm", "ray"))
+    assert ray_out.keys() == vllm_out.keys() and len(ray_out) == 200
+    for cid, rec in ray_out.items():
+        ours, ref = rec["response"]["body"], vllm_out[cid]["response"]["body"]
+        assert ours["usage"] == ref["usage"] and len(ours["data"]) == len(ref["data"]), cid
+        for mine, theirs in zip(ours["data"], ref["data"], strict=True):
+            a, b = (_floats(v) for v in (mine["embedding"], theirs["embedding"]))
+            assert len(a) == len(b), cid
+            assert max(abs(x - y) for x, y in zip(a, b, strict=True)) <= 1e-5, cid
+    ray_err = by_custom_id(results["ray"], "errors.jsonl")
+    assert ray_err == by_custom_id(results["vllm"], "errors.jsonl")
+    assert [e["error"]["code"] for e in ray_err.values()] == ["endpoint_mismatch"]
     no_ray_left()
