@@ -44,10 +44,11 @@ from spoold.layout import (
     parked_entries,
     retrying_entries,
 )
+from spoold.validate import SUPPORTED_URLS
 
 log = structlog.get_logger()
 
-ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+ENDPOINTS = SUPPORTED_URLS  # what a batch may name: what a job's lines may
 COMPLETION_WINDOWS = ("24h",)
 FILE_RECORD, CONTENT = "file.json", "content"
 UPLOAD_PREFIX, DELETED_PREFIX = ".upload-", ".deleted-"

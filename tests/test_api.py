@@ -175,6 +175,42 @@ def test_a_batch_from_upload_to_results_with_the_openai_client(api: Api, tmp_pat
     assert client.files.retrieve(done.output_file_id).purpose == "batch_output"
 
 
+def test_an_embeddings_batch_with_the_openai_client(api: Api, tmp_path: Path) -> None:
+    """SPEC §6 Endpoints through §10: a /v1/embeddings batch runs as an embeddings job;
+    its output lines parse as the client's own embedding response type."""
+    from openai.types import CreateEmbeddingResponse
+
+    client = api.client("tok-alice")
+    records = [
+        {
+            "custom_id": f"e{i}",
+            "method": "POST",
+            "url": "/v1/embeddings",
+            "body": {"model": "any", "input": [f"sentence {i}", "another"]},
+        }
+        for i in range(10)
+    ]
+    records.append(chat("not-here", "hi"))
+    batch = client.batches.create(
+        input_file_id=_upload(client, write_jsonl(tmp_path / "emb.jsonl", records)),
+        endpoint="/v1/embeddings",
+        completion_window="24h",
+    )
+    assert _poll(client, batch.id)[-1] == "completed"
+    done = client.batches.retrieve(batch.id)
+    assert done.endpoint == "/v1/embeddings"
+    assert done.output_file_id and done.error_file_id
+    output = _lines(client.files.content(done.output_file_id).text)
+    assert len(output) == 10
+    for line in output:
+        body = CreateEmbeddingResponse.model_validate(line["response"]["body"])  # type: ignore[index]
+        assert [d.index for d in body.data] == [0, 1] and body.usage.prompt_tokens > 0
+    errors = _lines(client.files.content(done.error_file_id).text)
+    assert [(e["custom_id"], e["error"]["code"]) for e in errors] == [  # type: ignore[index]
+        ("not-here", "endpoint_mismatch")
+    ]
+
+
 def test_batches_list_newest_first_with_pagination(api: Api, tmp_path: Path) -> None:
     client = api.client("tok-bob")
     made = []

@@ -94,7 +94,8 @@ def test_validate_lists_every_problem_of_every_line_in_line_order(tmp_path: Path
         "line 7: body.max_tokens must be an integer >= 1, got 0",
         f"line 7: custom_id 'b' is already used on line 3 {unique}",
         'line 8: method is missing: it must be "POST"',
-        "line 8: url is missing: it must be one of /v1/chat/completions, /v1/completions",
+        "line 8: url is missing: it must be one of /v1/chat/completions, /v1/completions, "
+        "/v1/embeddings",
         "line 8: body is missing: it must be a JSON object",
         "8 requests, 1 valid, 7 invalid (12 problems)",
     ], proc.stdout

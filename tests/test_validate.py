@@ -209,7 +209,7 @@ def test_every_problem_of_a_line_is_named_in_one_error() -> None:
     assert isinstance(missing, LineError)
     assert missing.problems == (
         'method is missing: it must be "POST"',
-        "url is missing: it must be one of /v1/chat/completions, /v1/completions",
+        "url is missing: it must be one of /v1/chat/completions, /v1/completions, /v1/embeddings",
         "body.temperature must be a number in [0, 2], got 9",  # checked without a url
     )
 
