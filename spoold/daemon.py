@@ -750,7 +750,7 @@ class Daemon:
                 continue
             if not self.spool.acquire(job_dir):
                 continue
-            return job_dir, state, want
+            return job_dir, state, self._job_models[state.id]  # a restart may change it
         return None
 
     def _report_unreadable(self) -> None:
@@ -832,6 +832,8 @@ class Daemon:
         fresh = load_state(job_dir)
         restart_from_scratch(self.spool, job_dir, fresh, st.st_size, st.st_mtime_ns)
         state.input_size, state.input_mtime_ns, state.input_ctime_ns = *now_fp[:2], 0
+        state.model = state.runner = None
+        self._job_models[state.id] = self._model_of(job_dir, state)  # the new input's
         return True
 
     def _finish_cancelled(self, jobs: list[tuple[Path, JobState]]) -> list[tuple[Path, JobState]]:
@@ -858,6 +860,8 @@ class Daemon:
     def _model_of(self, job_dir: Path, state: JobState) -> tuple[str, str]:
         """The engine model a job needs, and its runner: its first request's body.model,
         resolved, and the kind of work of its url (SPEC §6 Endpoints)."""
+        if state.model and state.runner:  # as it first ran: its answers came from them
+            return state.model, state.runner
         try:
             with open(job_dir / INPUT, "rb") as f:
                 first = first_request(f, self.cfg.limits.max_line_bytes)

@@ -92,6 +92,9 @@ class JobState:
     source_name: str
     status: str = QUEUED
     model: str | None = None
+    # The vLLM runner the job's kind of work needs ("generate" or "pooling": SPEC §6
+    # Endpoints), set with `model` when it first runs.
+    runner: str | None = None
     created_at: str = field(default_factory=utcnow)
     started_at: str | None = None
     finished_at: str | None = None
@@ -144,7 +147,7 @@ class JobState:
         if self.checkpoint.completed == 0:
             # No answer came from its model: the model is chosen again from the config
             # (one that could not load may be fixed by now); with answers, it stays.
-            self.model = None
+            self.model = self.runner = None
 
     @property
     def remaining(self) -> int:

@@ -153,6 +153,7 @@ def restart_from_scratch(
     state.fed_through = 0
     state.isolation = Isolation()
     state.attempts = 0
+    state.model = state.runner = None  # the new input's first request picks them again
     state.input_size, state.input_mtime_ns, state.input_ctime_ns = size, mtime_ns, 0
     if state.status == RUNNING:
         state.transition(QUEUED)
@@ -200,7 +201,7 @@ class Runner:
         state.transition(RUNNING)
         state.started_at = state.started_at or utcnow()
         state.instance = self.spool.instance
-        state.model = self.engines.model
+        state.model, state.runner = self.engines.model, self.engines.runner
         counted = False
         try:
             self.spool.save(job_dir, state)

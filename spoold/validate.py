@@ -144,17 +144,27 @@ def _token_ids(v: Any) -> bool:
     return type(v) is list and bool(v) and all(type(t) is int and t >= 0 for t in v)
 
 
+MAX_INPUTS = 2048  # inputs of one embeddings request (OpenAI's limit)
+
+
 def _check_input(body: dict[str, Any], problems: list[str]) -> None:
     """`input` as OpenAI (and `vllm serve`) take it: a string, a list of strings, a
-    list of token ids, or a list of lists of token ids; lists not empty."""
+    list of token ids, or a list of lists of token ids; lists not empty, and at most
+    MAX_INPUTS inputs (each is a vector in the output line)."""
     given = body.get("input")
-    if type(given) is str:
+    if type(given) is str or _token_ids(given):
         return
-    if type(given) is list and given:
-        if all(type(p) is str for p in given) or _token_ids(given):
-            return
-        if all(_token_ids(p) for p in given):
-            return
+    if (
+        type(given) is list
+        and given
+        and (all(type(p) is str for p in given) or all(_token_ids(p) for p in given))
+    ):
+        if len(given) > MAX_INPUTS:
+            problems.append(
+                f"body.input has {len(given)} inputs: at most {MAX_INPUTS} a request "
+                "(as OpenAI's API); split it over several lines"
+            )
+        return
     problems.append(
         _must(
             body,
@@ -169,7 +179,7 @@ def _check_input(body: dict[str, Any], problems: list[str]) -> None:
 # The fields of an embeddings body beside `input` (what `vllm serve` honours for it).
 EMBEDDING_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model": (lambda v: type(v) is str, "a string"),
-    "encoding_format": (lambda v: v in (None, "float", "base64"), '"float" or "base64"'),
+    "encoding_format": (lambda v: v in ("float", "base64"), '"float" or "base64"'),
     "dimensions": (lambda v: v is None or (type(v) is int and v >= 1), "an integer >= 1"),
     "truncate_prompt_tokens": (
         lambda v: v is None or (type(v) is int and v >= -1),
@@ -512,12 +522,11 @@ def scan_file(
             yield duplicate_error(line, custom_id, first)
 
 
-def first_request(f: BinaryIO, max_line_bytes: int, max_lines: int = 1000) -> Request | None:
-    """The first valid request of a file (to pick the job's model), or None."""
+def first_request(f: BinaryIO, max_line_bytes: int) -> Request | None:
+    """The first valid request of a file (it picks the job's model and its kind of
+    work), or None. Reads as far as it takes: usually one line."""
     try:
         for line_no, _, raw in iter_lines(f, 0, 1, max_line_bytes):
-            if line_no > max_lines:
-                return None
             parsed = parse_line(raw, line_no) if raw is not None else None
             if isinstance(parsed, Request):
                 return parsed

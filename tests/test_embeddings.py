@@ -162,10 +162,15 @@ def _fidelity_requests() -> tuple[list[dict[str, Any]], dict[str, str]]:
     reqs.insert(10, embed("too-long", "dragon castle " * 200))
     reqs.insert(20, embed("bad-dimensions", "sea", dimensions=20))
     reqs.insert(30, chat("a-chat", "Hello!"))
+    # Refused for a later input: nothing of the line's earlier inputs is answered.
+    reqs.insert(35, embed("second-too-long", ["fine", "dragon castle " * 200]))
+    reqs.insert(38, embed("unknown-token", [[5, 6], [5, 10**6]]))
     return reqs, {
         "too-long": "invalid_request",
         "bad-dimensions": "invalid_request",
         "a-chat": "endpoint_mismatch",
+        "second-too-long": "invalid_request",
+        "unknown-token": "invalid_request",
     }
 
 
@@ -244,13 +249,14 @@ def test_refused_lines_are_error_lines_and_the_rest_is_done(
     st = state(shared.job)
     assert st["status"] == "completed", st
     n = len(shared.requests)
-    assert st["request_counts"] == {"total": n, "completed": n - 3, "failed": 3}
+    failed = len(shared.failing)
+    assert st["request_counts"] == {"total": n, "completed": n - failed, "failed": failed}
     assert_exactly_once(shared.job, [r["custom_id"] for r in shared.requests])
     errors = {r["custom_id"]: r for r in read_results(shared.job, "errors.jsonl")}
     assert {cid: e["error"]["code"] for cid, e in errors.items()} == shared.failing
     server.wait_healthy()
     by_id = {r["custom_id"]: r for r in shared.requests}
-    for cid in ("too-long", "bad-dimensions"):
+    for cid in ("too-long", "bad-dimensions", "second-too-long", "unknown-token"):
         status, theirs = _ask(server, by_id[cid]["body"])
         assert status == 400, theirs
         ours = errors[cid]

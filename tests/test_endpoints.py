@@ -65,6 +65,8 @@ def test_every_input_shape_openai_takes_is_valid(given: Any) -> None:
         ({"input": {"text": "a"}}, "body.input"),
         ({}, "body.input is missing"),
         ({"input": "a", "encoding_format": "hex"}, "body.encoding_format"),
+        ({"input": "a", "encoding_format": None}, "body.encoding_format"),
+        ({"input": ["a"] * 2049}, "body.input has 2049 inputs: at most 2048"),
         ({"input": "a", "dimensions": 0}, "body.dimensions"),
         ({"input": "a", "temperature": 0}, "body.temperature is not supported for /v1/embeddings"),
         ({"input": "a", "messages": []}, "body.messages is not supported for /v1/embeddings"),
@@ -103,6 +105,7 @@ def test_an_embeddings_job_answers_each_input_and_refuses_the_other_kind(
         chat("a-chat", "hi"),
         embed("short", "x", dimensions=4),
         completion("a-completion", "once"),
+        embed("huge", "x", dimensions=10**9),  # refused by the engine, as a real one does
     ]
     write_jsonl(spool / "incoming" / "emb.jsonl", records)
     drain(cfg)
@@ -110,7 +113,7 @@ def test_an_embeddings_job_answers_each_input_and_refuses_the_other_kind(
     assert_exactly_once(job, [r["custom_id"] for r in records])
     st = state(job)
     assert st["status"] == "completed"
-    assert st["request_counts"] == {"total": 7, "completed": 5, "failed": 2}
+    assert st["request_counts"] == {"total": 8, "completed": 5, "failed": 3}
     out = {r["custom_id"]: r["response"]["body"] for r in read_results(job, "output.jsonl")}
     for body in out.values():
         assert body["object"] == "list" and body["id"].startswith("embd-")
@@ -126,7 +129,8 @@ def test_an_embeddings_job_answers_each_input_and_refuses_the_other_kind(
     assert _floats(out["b64"]["data"][0]["embedding"]) == pytest.approx(fox, abs=0)
     assert len(out["short"]["data"][0]["embedding"]) == 4
     errors = {r["custom_id"]: r["error"] for r in read_results(job, "errors.jsonl")}
-    assert set(errors) == {"a-chat", "a-completion"}
+    assert set(errors) == {"a-chat", "a-completion", "huge"}
+    assert errors.pop("huge")["code"] == "invalid_request"
     for cid, line in (("a-chat", 5), ("a-completion", 7)):
         assert errors[cid]["code"] == "endpoint_mismatch"
         assert errors[cid]["message"].startswith(f"line {line}: ")
@@ -145,6 +149,27 @@ def test_a_generation_job_refuses_embeddings_lines(tmp_path: Path) -> None:
     errors = {r["custom_id"]: r["error"]["code"] for r in read_results(job, "errors.jsonl")}
     assert errors == {None: "invalid_json", "e1": "endpoint_mismatch"}
     assert {r["custom_id"] for r in read_results(job, "output.jsonl")} == {"c1", "c2"}
+    assert state(job)["runner"] == "generate"
+
+
+def test_the_first_valid_request_decides_however_far_down_it_is(tmp_path: Path) -> None:
+    """3,000 invalid lines, then embeddings lines and a chat line: an embeddings job;
+    the heartbeat names the engine's runner while it is loaded."""
+    cfg = make_config(tmp_path)
+    spool = tmp_path / "spool"
+    records: list[Any] = [f"broken {i}" for i in range(3000)]
+    records += [embed("e1", "one"), chat("c1"), embed("e2", [[1, 2]])]
+    write_jsonl(spool / "incoming" / "late.jsonl", records)
+    drain(cfg)
+    job = only_job(spool, "done")
+    st = state(job)
+    assert (st["runner"], st["request_counts"]["completed"]) == ("pooling", 2), st
+    errors = read_results(job, "errors.jsonl")
+    assert [e["custom_id"] for e in errors if e["error"]["code"] == "endpoint_mismatch"] == [
+        "c1"
+    ]
+    beat = json.loads((spool / "heartbeats" / "default.json").read_text())
+    assert beat["engine"]["runner"] == "pooling", beat["engine"]
 
 
 def test_one_daemon_runs_generation_and_embeddings_jobs_on_one_model(tmp_path: Path) -> None:

@@ -65,6 +65,7 @@ _URL_SEEDS = {url: zlib.crc32(url.encode()) for url in SUPPORTED_URLS}
 
 
 FAKE_DIMENSIONS = 8  # an embedding's length unless the request asks for `dimensions`
+MAX_FAKE_DIMENSIONS = 4096  # what it offers: more is refused, as a real model would
 
 
 def fake_vector(item: Any, dimensions: int) -> list[float]:
@@ -134,6 +135,12 @@ class FakeEngine(Engine):
         given = body["input"]
         items = [given] if type(given) is str or type(given[0]) is int else given
         dims = body.get("dimensions") or FAKE_DIMENSIONS
+        if dims > MAX_FAKE_DIMENSIONS:
+            msg = (
+                f"line {request.line}: the fake engine's vectors have at most "
+                f"{MAX_FAKE_DIMENSIONS} dimensions, got dimensions={dims}"
+            )
+            return Failure(request, "invalid_request", msg, 400)
         fmt = body.get("encoding_format")
         data = [encode_vector(fake_vector(item, dims), fmt) for item in items]
         tokens = sum(len(i) if type(i) is list else i.count(" ") + 2 for i in items)

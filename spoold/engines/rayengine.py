@@ -306,6 +306,7 @@ class RayEngine(Engine):
         return {
             "backend": "ray",
             "model": self.model,
+            "runner": self.runner,
             "address": self.address,
             "replicas": self.replicas(),
         }

@@ -23,6 +23,7 @@ import difflib
 import gc
 import itertools
 import json
+import re
 import warnings
 import weakref
 from collections.abc import Iterator
@@ -47,6 +48,8 @@ from spoold.validate import GENERATE, POOLING, Request
 log = structlog.get_logger("spoold.engines.vllm")
 
 _CACHE_SIZE = 4096  # distinct sampling-field sets remembered per engine
+
+_CLASS = re.compile(r"[A-Z][A-Za-z]*Request$")  # a pydantic union member in an error's loc
 
 # Fields spoold checks itself and that vLLM's request classes must not see.
 _SPOOLD_ONLY = {"metadata", "store", "service_tier"}
@@ -463,7 +466,9 @@ def _describe(req: Request, e: Exception) -> str:
     if callable(errors):  # pydantic ValidationError: name the body field
         try:
             first = errors()[0]
-            where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+            # Not the names of a union's members (EmbeddingRequest's): the field alone.
+            loc = [p for p in first.get("loc", ()) if p != "body" and not _CLASS.match(str(p))]
+            where = ".".join(str(p) for p in loc)
             return f"line {req.line}: body.{where}: {first.get('msg')}"
         except Exception:
             pass
