@@ -165,9 +165,7 @@ def test_the_first_valid_request_decides_however_far_down_it_is(tmp_path: Path) 
     st = state(job)
     assert (st["runner"], st["request_counts"]["completed"]) == ("pooling", 2), st
     errors = read_results(job, "errors.jsonl")
-    assert [e["custom_id"] for e in errors if e["error"]["code"] == "endpoint_mismatch"] == [
-        "c1"
-    ]
+    assert [e["custom_id"] for e in errors if e["error"]["code"] == "endpoint_mismatch"] == ["c1"]
     beat = json.loads((spool / "heartbeats" / "default.json").read_text())
     assert beat["engine"]["runner"] == "pooling", beat["engine"]
 
