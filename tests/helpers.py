@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -179,6 +180,41 @@ def wait_for(
         time.sleep(poll)
     more = f"\n{detail()}" if detail is not None else ""
     raise AssertionError(f"timed out after {timeout}s waiting for {what}{more}")
+
+
+def kill_once_committed(config: Path, log: Path, at_least: int, timeout: float = 240) -> None:
+    """Start `spoold run --drain` (output in `log`) and SIGKILL it once a job in
+    processing/ has committed `at_least` results; fails if it exits first."""
+    spool = Path(yaml.safe_load(config.read_text())["spool_dir"])
+
+    def committed() -> int:
+        best = 0
+        for d in job_dirs(spool, "processing"):
+            try:
+                best = max(best, state(d)["request_counts"]["completed"])
+            except (OSError, ValueError, KeyError):
+                continue  # being replaced right now
+        return best
+
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [*SPOOLD, "run", "--config", str(config), "--drain"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=_env(),
+        )
+    try:
+        wait_for(
+            lambda: proc.poll() is not None or committed() >= at_least,
+            timeout=timeout,
+            poll=0.005,
+            what=f"a checkpoint with {at_least} results",
+        )
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+        rc = proc.wait(timeout=30)
+    assert rc == -signal.SIGKILL, f"not killed mid-job (exit {rc}):\n{log.read_text()[-3000:]}"
 
 
 def log_events(text: str) -> list[dict[str, Any]]:

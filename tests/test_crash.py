@@ -212,7 +212,7 @@ def test_sigkill_many_times_exactly_once(tmp_path: Path) -> None:
         10: "this is not json {",
         700: json.dumps([1, 2, 3]),
         1500: json.dumps({**chat("bad-method"), "method": "GET"}),
-        2200: json.dumps({**chat("bad-url"), "url": "/v1/embeddings"}),
+        2200: json.dumps({**chat("bad-url"), "url": "/v1/moderations"}),
         3100: json.dumps({**chat("bad-body"), "body": {"model": "m", "messages": []}}),
     }
     bad_ids: dict[str, str | None] = {

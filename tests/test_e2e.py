@@ -214,7 +214,7 @@ def test_mixed_drop_of_many_files_each_lands_where_a_user_expects(tmp_path: Path
         {**chat("x"), "custom_id": 42},  # 4 custom_id not a string
         {**chat("x"), "custom_id": ""},  # 5 custom_id empty
         {**chat("m-get"), "method": "GET"},  # 6
-        {**chat("m-url"), "url": "/v1/embeddings"},  # 7
+        {**chat("m-url"), "url": "/v1/moderations"},  # 7
         {**chat("m-nomsg"), "body": {"model": "any"}},  # 8 body without messages
         {**chat("m-shape"), "body": {"model": "any", "messages": "hello"}},  # 9
         {**completion("m-prompt"), "body": {"model": "any", "prompt": 42}},  # 10

@@ -15,11 +15,8 @@ from __future__ import annotations
 
 import base64
 import math
-import os
-import signal
 import struct
 import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,15 +30,14 @@ from tests.helpers import (
     assert_exactly_once,
     chat,
     drain,
-    job_dirs,
+    kill_once_committed,
     make_config,
     only_job,
     read_results,
     state,
-    wait_for,
     write_jsonl,
 )
-from tests.test_vllm import KV_CACHE_BYTES, REQUIRE_VLLM, Server, _free_port
+from tests.test_vllm import KV_CACHE_BYTES, REQUIRE_VLLM, Server, start_server
 from tests.test_vllm import vllm_env as vllm_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
@@ -84,39 +80,10 @@ def server(
     vllm_env: None, tiny_bert: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Server]:
     """`vllm serve --runner pooling` (not waited for: it loads while the drain runs)."""
-    port = _free_port()
     log = tmp_path_factory.mktemp("serve-embed") / "serve.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "vllm.entrypoints.openai.api_server",
-                "--model",
-                str(tiny_bert),
-                "--runner",
-                "pooling",
-                "--served-model-name",
-                SERVED,
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--dtype",
-                "float32",
-                "--max-model-len",
-                str(MAX_MODEL_LEN),
-                "--enforce-eager",
-                "--seed",
-                "0",
-                "--kv-cache-memory-bytes",
-                str(KV_CACHE_BYTES),
-            ],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=_env(),
-        )
-    srv = Server(proc, port, log)
+    srv = start_server(
+        tiny_bert, log, MAX_MODEL_LEN, "--runner", "pooling", "--served-model-name", SERVED
+    )
     try:
         yield srv
     finally:
@@ -283,34 +250,7 @@ def test_kill9_mid_embeddings_job_resumes_exactly_once(
     write_jsonl(spool / "incoming" / "kill.jsonl", reqs)
     log = tmp_path / "spoold-1.log"
 
-    def committed() -> int:
-        best = 0
-        for d in job_dirs(spool, "processing"):
-            try:
-                best = max(best, state(d)["request_counts"]["completed"])
-            except (OSError, ValueError, KeyError):
-                continue  # being replaced right now
-        return best
-
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [*SPOOLD, "run", "--config", str(config), "--drain"],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=_env(),
-        )
-    try:
-        wait_for(
-            lambda: proc.poll() is not None or committed() >= 100,
-            timeout=240,
-            poll=0.005,
-            what="a checkpoint with 100 results",
-        )
-    finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-        rc = proc.wait(timeout=30)
-    assert rc == -signal.SIGKILL, f"not killed mid-job (exit {rc}):\n{log.read_text()[-3000:]}"
+    kill_once_committed(config, log, 100)
     job = only_job(spool, "processing")
     st = state(job)
     kept = (job / "output.jsonl").read_bytes()[: st["checkpoint"]["output_bytes"]]

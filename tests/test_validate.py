@@ -67,7 +67,7 @@ def test_non_utf8_raises() -> None:
         ({**chat("x"), "custom_id": ""}, "invalid_request", None, "custom_id"),
         ({**chat("x"), "custom_id": 12}, "invalid_request", None, "custom_id"),
         ({**chat("x"), "method": "GET"}, "invalid_request", "x", "method"),
-        ({**chat("x"), "url": "/v1/embeddings"}, "invalid_request", "x", "url"),
+        ({**chat("x"), "url": "/v1/moderations"}, "invalid_request", "x", "url"),
         ({**chat("x"), "body": []}, "invalid_request", "x", "body"),
         ({**chat("x"), "body": {"model": "m"}}, "invalid_request", "x", "body.messages"),
         (chat("x", max_tokens="ten"), "invalid_request", "x", "body.max_tokens"),

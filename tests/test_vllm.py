@@ -46,6 +46,7 @@ from tests.helpers import (
     completion,
     drain,
     job_dirs,
+    kill_once_committed,
     log_events,
     make_config,
     only_job,
@@ -191,13 +192,10 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture(scope="module")
-def server(
-    vllm_env: None, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Server]:
-    """Starts `vllm serve` (not waiting for it: it loads while the shared drain runs)."""
+def start_server(model: Path, log: Path, max_model_len: int, *more: str) -> Server:
+    """`vllm serve` for `model` on a free loopback port (its output in `log`), with the
+    engine settings spoold's tests use; `more` are further arguments."""
     port = _free_port()
-    log = tmp_path_factory.mktemp("serve") / "serve.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             [
@@ -205,7 +203,7 @@ def server(
                 "-m",
                 "vllm.entrypoints.openai.api_server",
                 "--model",
-                str(tiny_model),
+                str(model),
                 "--host",
                 "127.0.0.1",
                 "--port",
@@ -213,18 +211,28 @@ def server(
                 "--dtype",
                 "float32",
                 "--max-model-len",
-                str(MAX_MODEL_LEN),
+                str(max_model_len),
                 "--enforce-eager",
                 "--seed",
                 "0",
                 "--kv-cache-memory-bytes",
                 str(KV_CACHE_BYTES),
+                *more,
             ],
             stdout=out,
             stderr=subprocess.STDOUT,
             env=_env(),
         )
-    srv = Server(proc, port, log)
+    return Server(proc, port, log)
+
+
+@pytest.fixture(scope="module")
+def server(
+    vllm_env: None, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
+    """Starts `vllm serve` (not waiting for it: it loads while the shared drain runs)."""
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    srv = start_server(tiny_model, log, MAX_MODEL_LEN)
     try:
         yield srv
     finally:
@@ -671,36 +679,7 @@ def test_kill9_mid_job_real_engine_resumes_exactly_once(
     spool = tmp_path / "spool"
     write_jsonl(spool / "incoming" / "kill.jsonl", reqs)
 
-    log = tmp_path / "spoold-1.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [*SPOOLD, "run", "--config", str(config), "--drain"],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=_env(),
-        )
-    try:
-        deadline = time.monotonic() + 240
-        while True:
-            assert proc.poll() is None, (
-                f"spoold exited {proc.returncode} before the kill:\n{log.read_text()[-3000:]}"
-            )
-            assert time.monotonic() < deadline, "no checkpoint with ≥ 100 results in 240 s"
-            completed = 0
-            for d in job_dirs(spool, "processing"):
-                try:
-                    completed = max(completed, state(d)["request_counts"]["completed"])
-                except (OSError, ValueError, KeyError):
-                    continue  # being replaced right now
-            if completed >= 100:
-                break
-            time.sleep(0.005)
-    finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-        rc = proc.wait(timeout=30)
-    assert rc == -signal.SIGKILL, f"spoold was not killed mid-job (exit status {rc})"
-
+    kill_once_committed(config, tmp_path / "spoold-1.log", 100)
     job = only_job(spool, "processing")
     st = state(job)
     assert st["status"] == "running", st

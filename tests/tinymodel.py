@@ -50,6 +50,17 @@ def default_cache_dir() -> Path:
     return Path(base) / f"tiny-llama-v{VERSION}"
 
 
+def _publish(tmp: Path, target: Path) -> Path:
+    """A model built in `tmp` renamed into place at `target`, whole."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.rename(tmp, target)
+    except OSError:
+        if not (target / "config.json").exists():  # lost a race to another builder: fine
+            raise
+    return target
+
+
 def default_bert_dir() -> Path:
     return default_cache_dir().parent / f"tiny-bert-v{BERT_VERSION}"
 
@@ -116,13 +127,7 @@ def build(target: Path) -> Path:
             }
         )
     )
-    target.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.rename(tmp, target)
-    except OSError:
-        if not (target / "config.json").exists():  # lost a race to another builder: fine
-            raise
-    return target
+    return _publish(tmp, target)
 
 
 def build_bert(target: Path) -> Path:
@@ -182,13 +187,7 @@ def build_bert(target: Path) -> Path:
     saved = json.loads(cfg_path.read_text())
     saved["matryoshka_dimensions"] = BERT_DIMENSIONS
     cfg_path.write_text(json.dumps(saved, indent=2))
-    target.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.rename(tmp, target)
-    except OSError:
-        if not (target / "config.json").exists():
-            raise
-    return target
+    return _publish(tmp, target)
 
 
 if __name__ == "__main__":
