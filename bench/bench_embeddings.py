@@ -45,7 +45,13 @@ WORDS = [
     "knights", "ride", "to", "castle", "by", "sea", "and", "count", "numbers", "in",
     "morning", "light", "of", "paris",
 ]  # fmt: skip
-ENGINE = {"dtype": "float32", "max_model_len": 256, "enforce_eager": True, "seed": 0}
+ENGINE = {
+    "dtype": "float32",
+    "max_model_len": 256,
+    "enforce_eager": True,
+    "seed": 0,
+    "kv_cache_memory_bytes": 256 << 20,  # on CPU, instead of a share of memory
+}
 
 EMBED_CALL = r"""
 import json, sys, time

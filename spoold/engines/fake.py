@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import array
 import base64
+import functools
 import itertools
 import math
 import os
@@ -68,13 +69,22 @@ FAKE_DIMENSIONS = 8  # an embedding's length unless the request asks for `dimens
 MAX_FAKE_DIMENSIONS = 4096  # what it offers: more is refused, as a real model would
 
 
+@functools.lru_cache(maxsize=16)
+def _unit_vectors(dimensions: int) -> tuple[list[float], ...]:
+    """256 fixed unit vectors of float32 values (made once per size: the fake's own
+    cost must not hide spoold's in the benchmarks)."""
+    vectors = []
+    for k in range(256):
+        raw = [math.sin(k * 7919 + 31 * i + 1) for i in range(dimensions)]
+        norm = math.sqrt(sum(x * x for x in raw)) or 1.0
+        vectors.append(array.array("f", (x / norm for x in raw)).tolist())
+    return tuple(vectors)
+
+
 def fake_vector(item: Any, dimensions: int) -> list[float]:
     """A unit vector that depends only on one input (a string or a list of token ids),
     each component a float32 value, as a model's would be."""
-    seed = zlib.crc32(repr(item).encode())
-    raw = [math.sin(seed + 7919 * i) for i in range(dimensions)]
-    norm = math.sqrt(sum(x * x for x in raw)) or 1.0
-    return array.array("f", (x / norm for x in raw)).tolist()
+    return _unit_vectors(dimensions)[zlib.crc32(repr(item).encode()) % 256]
 
 
 def encode_vector(vector: list[float], encoding_format: str | None) -> Any:
