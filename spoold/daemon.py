@@ -862,6 +862,8 @@ class Daemon:
         resolved, and the kind of work of its url (SPEC §6 Endpoints)."""
         if state.model and state.runner:  # as it first ran: its answers came from them
             return state.model, state.runner
+        if state.model:  # recorded by a spoold before embeddings: it ran generation
+            return state.model, GENERATE
         try:
             with open(job_dir / INPUT, "rb") as f:
                 first = first_request(f, self.cfg.limits.max_line_bytes)

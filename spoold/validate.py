@@ -373,13 +373,13 @@ def model_mismatch(request: Request, wanted: str, job_model: str) -> LineError:
 
 def endpoint_mismatch(request: Request, job_runner: str) -> LineError:
     """The error of a line of the other kind of work than its job's (SPEC §6)."""
-    kind = "embeddings" if job_runner == POOLING else "generation (chat and completions)"
+    kind = "an embeddings" if job_runner == POOLING else "a generation (chat and completions)"
     return LineError(
         request.line,
         request.custom_id,
         ENDPOINT_MISMATCH,
         (
-            f"url {request.url} does not run in this job, which is a {kind} job (set by "
+            f"url {request.url} does not run in this job, which is {kind} job (set by "
             "its first request): submit embeddings and generation requests in separate "
             "files",
         ),
