@@ -870,8 +870,6 @@ class Daemon:
         except OSError:
             first = None
         runner = runner_of(first.url if first else None)
-        if state.model:
-            return state.model, runner
         return self.cfg.engine.resolve_model(first.body.get("model") if first else None), runner
 
     def _engine_for(self, model: str, runner: str) -> Engine | None:

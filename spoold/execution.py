@@ -425,16 +425,16 @@ class Execution:
         del run.pending[line]
         run.done.add(line)
         counts = state.request_counts
-        if isinstance(outcome, Completion):
+        if isinstance(outcome, Completion | Embedding):
             data = formats.output_line(state.id, outcome, int(time.time()))
             self.out.append(data)
             counts.completed += 1
-            run.tokens += outcome.completion_tokens
-        elif isinstance(outcome, Embedding):
-            data = formats.output_line(state.id, outcome, int(time.time()))
-            self.out.append(data)
-            counts.completed += 1
-            run.tokens += outcome.prompt_tokens  # an embedding's work is its input
+            # An embedding's work is its input; a completion's, what it generated.
+            run.tokens += (
+                outcome.prompt_tokens
+                if isinstance(outcome, Embedding)
+                else outcome.completion_tokens
+            )
         else:
             data = formats.error_line(
                 state.id,

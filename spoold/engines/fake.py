@@ -26,7 +26,7 @@ from spoold.engines.base import (
     ModelLoadError,
     Outcome,
 )
-from spoold.validate import GENERATE, POOLING, SUPPORTED_URLS, Request, runner_of
+from spoold.validate import GENERATE, POOLING, SUPPORTED_URLS, Request
 
 _WORDS = (
     "alpha",
@@ -138,7 +138,7 @@ class FakeEngine(Engine):
         return Completion(request, self.model, choices, text.count(" ") + 2, completion_tokens)
 
     def _embed(self, request: Request) -> Outcome:
-        if runner_of(request.url) != POOLING:
+        if not request.is_embedding:
             msg = f"line {request.line}: {request.url} does not run on a pooling model"
             return Failure(request, "invalid_request", msg, 400)
         body = request.body
