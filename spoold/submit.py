@@ -94,6 +94,8 @@ def retry_job(spool: Spool, job_id: str, max_line_bytes: int) -> str:
         try:
             state = load_state(job_dir)
         except (OSError, ValueError) as e:
+            if not job_dir.exists():  # another retry took it aside since we found it
+                raise _moved(job_id) from None
             raise SubmitError(f"job {job_id}: cannot read its state.json ({e})") from None
         if state.input_size < 0:
             raise SubmitError(
@@ -101,6 +103,8 @@ def retry_job(spool: Spool, job_id: str, max_line_bytes: int) -> str:
                 "file (or the limit) and submit it again"
             )
         if not (job_dir / INPUT).is_file():
+            if not job_dir.exists():
+                raise _moved(job_id)
             raise SubmitError(
                 f"job {job_id} has no {INPUT} any more: submit the file again as a new job"
             )
@@ -108,11 +112,13 @@ def retry_job(spool: Spool, job_id: str, max_line_bytes: int) -> str:
             try:
                 fsio.move(job_dir, staging)  # step 1: the rename is the lock
             except FileNotFoundError:
-                raise SubmitError(
-                    f"job {job_id} moved meanwhile (is another `spoold retry` at work?)"
-                ) from None
+                raise _moved(job_id) from None
             return _requeue(spool, staging, job_id)
     return _new_file_of_failures(spool, job_dir, job_id, max_line_bytes)
+
+
+def _moved(job_id: str) -> SubmitError:
+    return SubmitError(f"job {job_id} moved meanwhile (is another `spoold retry` at work?)")
 
 
 def _requeue(spool: Spool, staging: Path, job_id: str) -> str:
